@@ -1,0 +1,442 @@
+"""Typed configuration for fgclip_mega.
+
+Everything a run needs is one `Config` tree of dataclasses. Presets are small functions that
+return a full `Config`; YAML files and `key.sub=value` CLI pairs override fields, and any
+unknown key or badly typed value is an error that names the field. This module is a leaf: it
+imports nothing from the rest of the package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the field."""
+
+
+@dataclass
+class VisionConfig:
+    image_size: int = 224
+    """Input resolution in pixels (square)."""
+    patch_size: int = 16
+    """Side of the square patches of the conv patch embedding."""
+    width: int = 768
+    """Hidden size of the image transformer."""
+    layers: int = 12
+    """Number of transformer blocks."""
+    heads: int = 12
+    """Attention heads per block."""
+    mlp_width: int = 3072
+    """Hidden size of the block MLP."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon (OpenAI CLIP uses 1e-5)."""
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 49408
+    """BPE vocabulary size of the OpenAI CLIP tokenizer."""
+    width: int = 512
+    """Hidden size of the text transformer."""
+    layers: int = 12
+    """Number of transformer blocks (causal)."""
+    heads: int = 8
+    """Attention heads per block."""
+    mlp_width: int = 2048
+    """Hidden size of the block MLP."""
+    short_context: int = 77
+    """Token length of short captions, region phrases and hard negatives."""
+    long_context: int = 248
+    """Token length of long captions."""
+    long_position_split: int = 20
+    """Long-text positions below this read `position_embedding_ori`, the rest `_res`."""
+    eos_token_id: int = 49407
+    """End-of-text id; the text embedding is taken at its first occurrence."""
+    layer_norm_eps: float = 1e-5
+    """LayerNorm epsilon."""
+
+
+@dataclass
+class ModelConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    """Image tower."""
+    text: TextConfig = field(default_factory=TextConfig)
+    """Text tower."""
+    projection_dim: int = 512
+    """Width of the shared image-text embedding space."""
+    logit_scale_init: float = 2.6592
+    """Initial log of the global temperature, ln(1/0.07) as in CLIP."""
+    attention_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
+    """Attention kernel: flash-attn when installed and on CUDA, else torch SDPA."""
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+    """Ranks that shard each layer; the data-parallel size is world_size / this."""
+    sequence_parallel: bool = False
+    """Shard LayerNorm/dropout activations along the sequence over the TP group."""
+    activation_checkpointing: bool = False
+    """Recompute transformer blocks in backward to save activation memory."""
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend; auto picks NCCL with CUDA and gloo without."""
+    overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with backward (megatron-core DDP)."""
+    use_distributed_optimizer: bool = False
+    """Shard optimizer state over data-parallel ranks (ZeRO-1, megatron-core)."""
+    timeout_minutes: int = 10
+    """Collective timeout; a hung rank fails the run instead of blocking it forever."""
+
+    def data_parallel_size(self, world_size: int) -> int:
+        if world_size % self.tensor_parallel_size:
+            raise ConfigError(
+                f"parallel.tensor_parallel_size={self.tensor_parallel_size} does not divide "
+                f"the world size {world_size}"
+            )
+        return world_size // self.tensor_parallel_size
+
+
+@dataclass
+class PrecisionConfig:
+    params_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the model weights; fp32 on CPU (bf16 matmul is ~4x slower there)."""
+    compute_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Autocast dtype for the forward pass (bf16 on GPUs)."""
+    loss_in_fp32: bool = True
+    """Upcast embeddings to fp32 before the contrastive losses."""
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""
+    """Path of a shard index (index.json) or a directory of zarr shards; empty = synthetic."""
+    micro_batch_size: int = 8
+    """Samples per data-parallel rank per step."""
+    max_boxes: int = 4
+    """Boxes per image used in stage 2 (extra boxes are dropped, fewer are padded)."""
+    num_hard_negatives: int = 10
+    """Attribute-swapped negative phrases per box."""
+    decode_device: Literal["auto", "cpu", "mixed"] = "auto"
+    """DALI decode placement: mixed (nvJPEG) with CUDA, cpu otherwise."""
+    num_threads: int = 2
+    """DALI CPU threads per pipeline."""
+    py_num_workers: int = 1
+    """Worker processes of DALI's parallel external source that read the shards."""
+    prefetch_queue_depth: int = 2
+    """Batches DALI prepares ahead of the training step."""
+    seed: int = 1234
+    """Seed of the per-epoch shard and sample shuffle."""
+    synthetic_num_samples: int = 256
+    """Images generated for the embedded synthetic dataset when `shards` is empty."""
+
+
+@dataclass
+class LossConfig:
+    long_weight: float = 1.0
+    """Weight of image vs long-caption InfoNCE."""
+    short_weight: float = 1.0
+    """Weight of image vs short-caption InfoNCE."""
+    region_weight: float = 0.1
+    """Weight of region vs phrase InfoNCE (stage 2)."""
+    hard_weight: float = 0.5
+    """Weight of the hard-negative loss (stage 2)."""
+    kind: Literal["softmax", "sigmoid"] = "softmax"
+    """Contrastive form: CLIP softmax InfoNCE or SigLIP sigmoid."""
+    implementation: Literal["auto", "triton", "chunked", "naive"] = "auto"
+    """Loss kernel: auto = Triton on CUDA, chunked O(B*d) PyTorch on CPU."""
+    gather: Literal["allgather", "ring"] = "allgather"
+    """How features of other data-parallel ranks are obtained for the global losses."""
+    chunk_size: int = 1024
+    """Rows/columns per tile of the chunked path."""
+    learn_temperatures: bool = True
+    """Train the three logit scales."""
+    max_logit_scale: float = 4.6052
+    """Clamp of every logit scale, ln(100)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the cosine decay."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay (not applied to biases, norms, embeddings, scales)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.98
+    """AdamW beta2."""
+    eps: float = 1e-6
+    """AdamW epsilon."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    stage: Literal["global", "regional"] = "global"
+    """FG-CLIP stage: 1 = global contrastive, 2 = adds region and hard-negative losses."""
+    steps: int = 1000
+    """Optimizer steps."""
+    log_interval: int = 10
+    """Steps between log lines."""
+    seed: int = 42
+    """Seed of weight initialisation and dropout."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Training device; auto = CUDA when available."""
+    output_dir: str = "runs/default"
+    """Where logs, plots and checkpoints go."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_interval: int = 0
+    """Steps between checkpoints; 0 saves only at the end."""
+    load: str = ""
+    """Checkpoint directory to resume from (model, optimizer, loader state)."""
+    init_from: str = ""
+    """HF CLIPModel / FG-CLIP weights (safetensors or torch) to initialise the model from."""
+    keep_last: int = 2
+    """Checkpoints kept on disk; older ones are deleted after a new one is complete."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """Architecture."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Tensor/sequence/data parallelism."""
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    """Weight and compute dtypes."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Input pipeline."""
+    loss: LossConfig = field(default_factory=LossConfig)
+    """Loss weights and kernels."""
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Optimizer and schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Training loop."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and loading."""
+
+    def validate(self, world_size: int | None = None) -> Config:
+        _check_types(self, "")
+        v, t, p = self.model.vision, self.model.text, self.parallel
+        _require(v.image_size % v.patch_size == 0, "model.vision.image_size",
+                 f"{v.image_size} is not a multiple of patch_size {v.patch_size}")
+        for name, tower in (("vision", v), ("text", t)):
+            _require(tower.width % tower.heads == 0, f"model.{name}.heads",
+                     f"{tower.heads} does not divide width {tower.width}")
+            for f in ("heads", "mlp_width"):
+                _require(getattr(tower, f) % p.tensor_parallel_size == 0, f"model.{name}.{f}",
+                         f"{getattr(tower, f)} is not divisible by parallel.tensor_parallel_size"
+                         f"={p.tensor_parallel_size}")
+        _require(t.short_context <= t.long_context, "model.text.short_context",
+                 "must not exceed long_context")
+        _require(0 < t.long_position_split <= t.short_context, "model.text.long_position_split",
+                 f"must be in (0, short_context={t.short_context}]")
+        _require(p.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
+        if world_size is not None:
+            p.data_parallel_size(world_size)
+        _require(self.data.max_boxes >= 0, "data.max_boxes", "must be >= 0")
+        _require(self.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
+        _require(self.loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, name: str, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name}: {why}")
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def fgclip_vit_b16() -> Config:
+    """FG-CLIP ViT-B/16 at 224 px: text 12 layers of width 512, projection 512."""
+    return Config()
+
+
+def fgclip_vit_l14_336() -> Config:
+    """FG-CLIP ViT-L/14 at 336 px: text width 768, projection 768."""
+    cfg = Config()
+    cfg.model.vision = VisionConfig(image_size=336, patch_size=14, width=1024, layers=24,
+                                    heads=16, mlp_width=4096)
+    cfg.model.text = TextConfig(width=768, heads=12, mlp_width=3072)
+    cfg.model.projection_dim = 768
+    return cfg
+
+
+def tiny() -> Config:
+    """A few narrow layers on 64-px images: trains on the 2-core CPU in minutes."""
+    cfg = Config()
+    cfg.model.vision = VisionConfig(image_size=64, patch_size=8, width=64, layers=2, heads=4,
+                                    mlp_width=256)
+    cfg.model.text = TextConfig(width=64, layers=2, heads=4, mlp_width=256)
+    cfg.model.projection_dim = 32
+    cfg.data.micro_batch_size = 16
+    cfg.optim.lr = 5e-4
+    cfg.optim.warmup_steps = 10
+    cfg.train.steps = 60
+    cfg.train.log_interval = 5
+    return cfg
+
+
+PRESETS = {"fgclip_vit_b16": fgclip_vit_b16, "fgclip_vit_l14_336": fgclip_vit_l14_336,
+           "tiny": tiny}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"preset: unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _field_types(obj: Any) -> dict[str, Any]:
+    return typing.get_type_hints(type(obj))
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    """Converts a YAML/CLI value to the declared field type, or raises naming the field."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{name}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, name)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{name}: {value!r} matches none of {tp}")
+    if tp is type(None):
+        if value is None or value in ("null", "None"):
+            return None
+        raise ConfigError(f"{name}: expected null, got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{name}: expected a bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name}: expected an int, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected an int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{name}: expected a float, got {value!r}")
+    if tp is str:
+        if isinstance(value, (str, Path)):
+            return str(value)
+        raise ConfigError(f"{name}: expected a string, got {value!r}")
+    raise ConfigError(f"{name}: unsupported field type {tp}")
+
+
+def _check_types(node: Any, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        name = f"{prefix}{f.name}"
+        value = getattr(node, f.name)
+        tp = _field_types(node)[f.name]
+        if dataclasses.is_dataclass(tp):
+            _check_types(value, name + ".")
+        else:
+            _coerce(value, tp, name)
+
+
+def _lookup(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
+    """Returns (parent dataclass, field name, declared type) for a dotted key."""
+    parts = dotted.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node):
+            raise ConfigError(f"{'.'.join(parts[:i])}: is a value, it has no field {part!r}")
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "<root>"
+            raise ConfigError(f"{dotted}: unknown key {part!r} in {where}; "
+                              f"valid keys: {sorted(names)}")
+        if i == len(parts) - 1:
+            return node, part, _field_types(node)[part]
+        node = getattr(node, part)
+    raise AssertionError("unreachable")
+
+
+def set_value(cfg: Config, dotted: str, value: Any) -> None:
+    parent, name, tp = _lookup(cfg, dotted)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{dotted}: is a section; give a mapping, got {value!r}")
+        for key, sub in value.items():
+            set_value(cfg, f"{dotted}.{key}", sub)
+        return
+    setattr(parent, name, _coerce(value, tp, dotted))
+
+
+def apply_dict(cfg: Config, values: dict[str, Any], prefix: str = "") -> Config:
+    for key, value in values.items():
+        set_value(cfg, f"{prefix}{key}", value)
+    return cfg
+
+
+def apply_cli(cfg: Config, pairs: list[str]) -> Config:
+    import yaml
+
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r}: expected key.sub=value")
+        key, raw = pair.split("=", 1)
+        # YAML parsing gives 1e-4 -> float, true -> bool, [..] -> list, like the YAML file does.
+        value = yaml.safe_load(raw) if raw != "" else ""
+        set_value(cfg, key.strip(), value)
+    return cfg
+
+
+def load_config(preset_name: str = "tiny", yaml_path: str | None = None,
+                overrides: list[str] | None = None) -> Config:
+    """Preset, then the YAML file, then CLI pairs; validated at the end."""
+    cfg = preset(preset_name)
+    if yaml_path:
+        import yaml
+
+        with open(yaml_path) as fh:
+            values = yaml.safe_load(fh) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{yaml_path}: top level must be a mapping")
+        apply_dict(cfg, values)
+    apply_cli(cfg, overrides or [])
+    return cfg.validate()

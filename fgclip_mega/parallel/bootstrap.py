@@ -1,0 +1,118 @@
+"""Start torch.distributed and megatron-core's process groups; tear them down cleanly.
+
+Launch with torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT in the
+environment) or as a plain `python` process, which becomes a world of one. The process groups
+are owned by megatron-core's `parallel_state`; `ParallelState` hands them to the code that needs
+them explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from fgclip_mega.config import ParallelConfig
+from fgclip_mega.parallel import cpu_compat
+
+
+@dataclass
+class ParallelState:
+    rank: int
+    """Global rank."""
+    world_size: int
+    """Number of processes."""
+    tp_rank: int
+    """Rank inside the tensor-parallel group."""
+    tp_size: int
+    """Tensor-parallel group size."""
+    dp_rank: int
+    """Rank inside the data-parallel group."""
+    dp_size: int
+    """Data-parallel group size."""
+    tp_group: dist.ProcessGroup
+    """Tensor-parallel process group."""
+    dp_group: dist.ProcessGroup
+    """Data-parallel process group."""
+    device: torch.device
+    """Where this rank computes."""
+    backend: str
+    """torch.distributed backend in use."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[int, int]:
+    """Initialises the default process group from torchrun's environment (or a world of one)."""
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group(
+        backend=backend,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return rank, world_size
+
+
+def init_parallel(cfg: ParallelConfig, seed: int = 42) -> ParallelState:
+    """torch.distributed, then TP x DP groups and the model-parallel RNG tracker."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    rank, world_size = init_distributed(cfg.backend, cfg.timeout_minutes)
+    cfg.data_parallel_size(world_size)  # validates that TP divides the world
+    if not torch.cuda.is_available():
+        cpu_compat.enable()
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=cfg.tensor_parallel_size,
+            distributed_timeout_minutes=cfg.timeout_minutes,
+        )
+    # Same seed on every rank of a TP group for the "model-parallel" stream offsets; TP ranks
+    # get different dropout inside sharded regions and identical dropout outside them.
+    model_parallel_cuda_manual_seed(seed)
+    torch.manual_seed(seed)
+    device = (
+        torch.device("cuda", torch.cuda.current_device())
+        if torch.cuda.is_available()
+        else torch.device("cpu")
+    )
+    return ParallelState(
+        rank=rank,
+        world_size=world_size,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        tp_group=ps.get_tensor_model_parallel_group(),
+        dp_group=ps.get_data_parallel_group(),
+        device=device,
+        backend=dist.get_backend(),
+    )
+
+
+def destroy_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    cpu_compat.disable()

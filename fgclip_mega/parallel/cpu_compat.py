@@ -1,0 +1,105 @@
+"""The one place where megatron-core is made to run without CUDA (gloo on CPU).
+
+megatron-core assumes CUDA in a handful of places (measured on 0.16.1, see shared FACTS):
+1. `torch.cuda.current_device()` is used as an allocation device;
+2. the model-parallel RNG tracker saves/restores CUDA generator states;
+3. `device="cuda"` literals (causal masks, DDP buffers, grad clipping, grad scaler, optimizer);
+4. `param.type() == 'torch.cuda.FloatTensor'` checks in the optimizers.
+`enable()` fixes (1, 2) by routing the CUDA RNG and device queries to the CPU generator and
+device, and (3, 4) with a TorchFunctionMode that rewrites CUDA devices to CPU, makes
+`Tensor.cuda()` a no-op and reports CPU float tensors under their CUDA type names. It is
+enabled only when CUDA is absent (by `fgclip_mega.parallel.init_parallel`); nothing else in the
+code base special-cases CPU for megatron-core.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_state: dict[str, Any] = {}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # A bare int device means a CUDA ordinal to torch factories.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaAsCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to CPU for every torch call made while it is active."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            # torch.FloatTensor -> torch.cuda.FloatTensor, as megatron's optimizer checks expect.
+            return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+def _cpu_get_rng_state(*_args, **_kwargs) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, *_args, **_kwargs) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_manual_seed(seed: int) -> None:
+    # Not torch.manual_seed: that calls torch.cuda.manual_seed_all, which would recurse here.
+    torch.default_generator.manual_seed(seed)
+
+
+def is_enabled() -> bool:
+    return bool(_state)
+
+
+def enable() -> None:
+    """Idempotent; call only when `torch.cuda.is_available()` is False."""
+    if _state:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_compat.enable() is for machines without CUDA")
+    from megatron.core.tensor_parallel import random as mp_random
+
+    patches = {
+        (torch.cuda, "current_device"): lambda: _CPU,
+        (torch.cuda, "synchronize"): lambda *a, **k: None,
+        (torch.cuda, "get_rng_state"): _cpu_get_rng_state,
+        (torch.cuda, "set_rng_state"): _cpu_set_rng_state,
+        (torch.cuda, "manual_seed"): _cpu_manual_seed,
+        (mp_random, "_get_cuda_rng_state"): _cpu_get_rng_state,
+        (mp_random, "_set_cuda_rng_state"): _cpu_set_rng_state,
+    }
+    originals = {key: getattr(*key) for key in patches}
+    for (module, name), replacement in patches.items():
+        setattr(module, name, replacement)
+    # The tracker's fork() swaps the CPU generator state in and out on every dropout; on CPU
+    # that is exactly the intended behaviour, so its "CPU RNG state changed" warning is noise.
+    logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)
+    mode = CudaAsCpuMode()
+    mode.__enter__()
+    _state.update(originals=originals, mode=mode)
+
+
+def disable() -> None:
+    if not _state:
+        return
+    _state["mode"].__exit__(None, None, None)
+    for (module, name), original in _state["originals"].items():
+        setattr(module, name, original)
+    _state.clear()
