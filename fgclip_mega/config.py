@@ -234,19 +234,34 @@ class Config:
     def validate(self, world_size: int | None = None) -> Config:
         _check_types(self, "")
         v, t, p = self.model.vision, self.model.text, self.parallel
-        _require(v.image_size % v.patch_size == 0, "model.vision.image_size",
-                 f"{v.image_size} is not a multiple of patch_size {v.patch_size}")
+        _require(
+            v.image_size % v.patch_size == 0,
+            "model.vision.image_size",
+            f"{v.image_size} is not a multiple of patch_size {v.patch_size}",
+        )
         for name, tower in (("vision", v), ("text", t)):
-            _require(tower.width % tower.heads == 0, f"model.{name}.heads",
-                     f"{tower.heads} does not divide width {tower.width}")
+            _require(
+                tower.width % tower.heads == 0,
+                f"model.{name}.heads",
+                f"{tower.heads} does not divide width {tower.width}",
+            )
             for f in ("heads", "mlp_width"):
-                _require(getattr(tower, f) % p.tensor_parallel_size == 0, f"model.{name}.{f}",
-                         f"{getattr(tower, f)} is not divisible by parallel.tensor_parallel_size"
-                         f"={p.tensor_parallel_size}")
-        _require(t.short_context <= t.long_context, "model.text.short_context",
-                 "must not exceed long_context")
-        _require(0 < t.long_position_split <= t.short_context, "model.text.long_position_split",
-                 f"must be in (0, short_context={t.short_context}]")
+                _require(
+                    getattr(tower, f) % p.tensor_parallel_size == 0,
+                    f"model.{name}.{f}",
+                    f"{getattr(tower, f)} is not divisible by parallel.tensor_parallel_size"
+                    f"={p.tensor_parallel_size}",
+                )
+        _require(
+            t.short_context <= t.long_context,
+            "model.text.short_context",
+            "must not exceed long_context",
+        )
+        _require(
+            0 < t.long_position_split <= t.short_context,
+            "model.text.long_position_split",
+            f"must be in (0, short_context={t.short_context}]",
+        )
         _require(p.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
         if world_size is not None:
             p.data_parallel_size(world_size)
@@ -275,8 +290,9 @@ def fgclip_vit_b16() -> Config:
 def fgclip_vit_l14_336() -> Config:
     """FG-CLIP ViT-L/14 at 336 px: text width 768, projection 768."""
     cfg = Config()
-    cfg.model.vision = VisionConfig(image_size=336, patch_size=14, width=1024, layers=24,
-                                    heads=16, mlp_width=4096)
+    cfg.model.vision = VisionConfig(
+        image_size=336, patch_size=14, width=1024, layers=24, heads=16, mlp_width=4096
+    )
     cfg.model.text = TextConfig(width=768, heads=12, mlp_width=3072)
     cfg.model.projection_dim = 768
     return cfg
@@ -285,8 +301,9 @@ def fgclip_vit_l14_336() -> Config:
 def tiny() -> Config:
     """A few narrow layers on 64-px images: trains on the 2-core CPU in minutes."""
     cfg = Config()
-    cfg.model.vision = VisionConfig(image_size=64, patch_size=8, width=64, layers=2, heads=4,
-                                    mlp_width=256)
+    cfg.model.vision = VisionConfig(
+        image_size=64, patch_size=8, width=64, layers=2, heads=4, mlp_width=256
+    )
     cfg.model.text = TextConfig(width=64, layers=2, heads=4, mlp_width=256)
     cfg.model.projection_dim = 32
     cfg.data.micro_batch_size = 16
@@ -297,8 +314,7 @@ def tiny() -> Config:
     return cfg
 
 
-PRESETS = {"fgclip_vit_b16": fgclip_vit_b16, "fgclip_vit_l14_336": fgclip_vit_l14_336,
-           "tiny": tiny}
+PRESETS = {"fgclip_vit_b16": fgclip_vit_b16, "fgclip_vit_l14_336": fgclip_vit_l14_336, "tiny": tiny}
 
 
 def preset(name: str) -> Config:
@@ -388,8 +404,9 @@ def _lookup(cfg: Config, dotted: str) -> tuple[Any, str, Any]:
         names = {f.name for f in dataclasses.fields(node)}
         if part not in names:
             where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(f"{dotted}: unknown key {part!r} in {where}; "
-                              f"valid keys: {sorted(names)}")
+            raise ConfigError(
+                f"{dotted}: unknown key {part!r} in {where}; valid keys: {sorted(names)}"
+            )
         if i == len(parts) - 1:
             return node, part, _field_types(node)[part]
         node = getattr(node, part)
@@ -426,8 +443,9 @@ def apply_cli(cfg: Config, pairs: list[str]) -> Config:
     return cfg
 
 
-def load_config(preset_name: str = "tiny", yaml_path: str | None = None,
-                overrides: list[str] | None = None) -> Config:
+def load_config(
+    preset_name: str = "tiny", yaml_path: str | None = None, overrides: list[str] | None = None
+) -> Config:
     """Preset, then the YAML file, then CLI pairs; validated at the end."""
     cfg = preset(preset_name)
     if yaml_path:

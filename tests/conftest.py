@@ -1,7 +1,5 @@
 import os
 
-import pytest
-
 # Triton kernels run through the interpreter on machines without a GPU; this must be set before
 # triton is imported anywhere in the test session.
 try:

@@ -78,7 +78,8 @@ def run_distributed(
             except queue.Empty:
                 # A rank that died without reporting (segfault, OOM kill) fails fast.
                 dead = [
-                    r for r, p in enumerate(procs)
+                    r
+                    for r, p in enumerate(procs)
                     if r not in outcome and p.exitcode not in (None, 0)
                 ]
                 if dead and results.empty():

@@ -30,10 +30,18 @@ def _groups_and_linear_pair(tp_size: int) -> dict:
         tensor_model_parallel_size=tp_size, use_cpu_initialization=True, params_dtype=torch.float32
     )
     init = torch.nn.init.zeros_
-    col = ColumnParallelLinear(d_in, d_hidden, config=cfg, init_method=init, bias=True,
-                               gather_output=False)
-    row = RowParallelLinear(d_hidden, d_out, config=cfg, init_method=init, bias=True,
-                            input_is_parallel=True, skip_bias_add=False)
+    col = ColumnParallelLinear(
+        d_in, d_hidden, config=cfg, init_method=init, bias=True, gather_output=False
+    )
+    row = RowParallelLinear(
+        d_hidden,
+        d_out,
+        config=cfg,
+        init_method=init,
+        bias=True,
+        input_is_parallel=True,
+        skip_bias_add=False,
+    )
     r, s = state.tp_rank, d_hidden // tp_size
     with torch.no_grad():
         col.weight.copy_(ref1.weight[r * s : (r + 1) * s])
@@ -64,15 +72,24 @@ def _groups_and_linear_pair(tp_size: int) -> dict:
         "x_grad_err": (xs.grad - xr.grad).abs().max().item(),
         "w1_grad_err": (col.weight.grad - ref1.weight.grad[r * s : (r + 1) * s]).abs().max().item(),
         "b1_grad_err": (col.bias.grad - ref1.bias.grad[r * s : (r + 1) * s]).abs().max().item(),
-        "w2_grad_err": (row.weight.grad - ref2.weight.grad[:, r * s : (r + 1) * s]).abs().max().item(),
+        "w2_grad_err": (row.weight.grad - ref2.weight.grad[:, r * s : (r + 1) * s])
+        .abs()
+        .max()
+        .item(),
         "b2_grad_err": (row.bias.grad - ref2.bias.grad).abs().max().item(),
     }
 
 
 def _check_linear_pair(results: list[dict]) -> None:
     for res in results:
-        for key in ("out_err", "x_grad_err", "w1_grad_err", "b1_grad_err", "w2_grad_err",
-                    "b2_grad_err"):
+        for key in (
+            "out_err",
+            "x_grad_err",
+            "w1_grad_err",
+            "b1_grad_err",
+            "w2_grad_err",
+            "b2_grad_err",
+        ):
             assert res[key] < 1e-5, (res["rank"], key, res[key])
 
 

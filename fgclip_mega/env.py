@@ -1,0 +1,167 @@
+"""Report which optional accelerators this machine has and which fallback is in use.
+
+    python -m fgclip_mega.env          # human-readable table
+    python -m fgclip_mega.env --json   # one JSON object
+
+Optional pieces are detected here, in one place, at run time; `import fgclip_mega` works without
+any of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class Feature:
+    name: str
+    """What is probed."""
+    available: bool
+    """Whether it can be used on this machine now."""
+    detail: str
+    """Version or the reason it is missing."""
+    fallback: str
+    """What fgclip_mega uses instead when it is missing ('' when it is used)."""
+
+
+def _version(module: str) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return None
+    try:
+        mod = importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken install is reported, not raised
+        return f"import failed: {type(e).__name__}: {e}"
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def flash_attn_available() -> bool:
+    return importlib.util.find_spec("flash_attn") is not None and cuda_available()
+
+
+def probe() -> list[Feature]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    feats = [
+        Feature(
+            "torch",
+            True,
+            f"{torch.__version__} (built for CUDA {torch.version.cuda})",
+            "",
+        ),
+        Feature(
+            "cuda",
+            cuda,
+            torch.cuda.get_device_name(0) if cuda else "no CUDA device",
+            "" if cuda else "CPU: gloo backend, megatron-core through parallel/cpu_compat.py",
+        ),
+    ]
+    fa = _version("flash_attn")
+    feats.append(
+        Feature(
+            "flash_attn",
+            bool(fa) and cuda and not fa.startswith("import failed"),
+            fa or "not installed",
+            "" if fa and cuda else "torch scaled_dot_product_attention",
+        )
+    )
+    apex = _version("apex")
+    feats.append(
+        Feature(
+            "apex",
+            bool(apex) and cuda,
+            apex or "not installed",
+            "" if apex and cuda else "torch LayerNorm / megatron-core local fused-op fallbacks",
+        )
+    )
+    te = _version("transformer_engine")
+    feats.append(
+        Feature(
+            "transformer_engine",
+            bool(te) and cuda,
+            te or "not installed",
+            "" if te and cuda else "megatron-core local (non-TE) layers",
+        )
+    )
+    mcore = _version("megatron.core")
+    feats.append(Feature("megatron_core", bool(mcore), mcore or "not installed", ""))
+    triton = _version("triton")
+    interp = os.environ.get("TRITON_INTERPRET") == "1"
+    feats.append(
+        Feature(
+            "triton",
+            bool(triton) and (cuda or interp),
+            f"{triton}{' (interpreter)' if interp else ''}" if triton else "not installed",
+            "" if cuda else "chunked PyTorch contrastive loss (Triton runs only interpreted)",
+        )
+    )
+    dali = _version("nvidia.dali")
+    gpu_decode = False
+    if dali and not dali.startswith("import failed"):
+        from nvidia.dali import backend
+
+        gpu_decode = backend.GetCUDADeviceCount() > 0
+    feats.append(
+        Feature(
+            "dali_gpu_decode",
+            gpu_decode,
+            f"nvidia-dali {dali}" if dali else "nvidia-dali not installed",
+            "" if gpu_decode else "DALI CPU decode (device='cpu', device_id=None)",
+        )
+    )
+    roi = _roi_align_status()
+    feats.append(roi)
+    return feats
+
+
+def _roi_align_status() -> Feature:
+    try:
+        from kernels.roi_align import library_status  # type: ignore[attr-defined]
+    except Exception as e:  # noqa: BLE001
+        return Feature(
+            "roi_align_ext",
+            False,
+            f"kernels.roi_align unavailable: {e}",
+            "torchvision.ops.roi_align",
+        )
+    ok, detail = library_status()
+    return Feature(
+        "roi_align_ext",
+        ok,
+        detail,
+        "" if ok else "pure-PyTorch reference (build with: bash run/build_ext.sh)",
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args(argv)
+    feats = probe()
+    if args.json:
+        print(json.dumps({f.name: asdict(f) for f in feats}))
+        return 0
+    width = max(len(f.name) for f in feats)
+    for f in feats:
+        mark = "yes" if f.available else "no "
+        line = f"{f.name:<{width}}  {mark}  {f.detail}"
+        if f.fallback:
+            line += f"  -> fallback: {f.fallback}"
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
