@@ -171,7 +171,7 @@ class OptimizerConfig:
     min_lr: float = 0.0
     """Learning rate at the end of the cosine decay."""
     weight_decay: float = 0.0
-    """AdamW decoupled weight decay (not applied to biases, norms, embeddings, scales)."""
+    """AdamW decoupled weight decay (not applied to params of < 2 dims: biases, norms, scales)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.98
