@@ -1,0 +1,206 @@
+"""FG-CLIP: two OpenAI-CLIP towers, three projections and three temperatures, tensor-parallel.
+
+The model returns embeddings only (no loss, no data source). Sharded parameters carry megatron's
+`tensor_model_parallel` / `partition_dim` / `partition_stride` attributes; sequence-parallel norm
+params carry `sequence_parallel`; everything else is replicated over the TP group.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import ColumnParallelLinear
+from torch import nn
+
+from fgclip_mega.config import ModelConfig, ParallelConfig
+from fgclip_mega.models.attention import resolve_backend
+from fgclip_mega.models.layers import normal_init
+from fgclip_mega.models.regions import boxes_to_rois, roi_align_1x1
+from fgclip_mega.models.text import TextTower
+from fgclip_mega.models.vision import VisionTower
+
+log = logging.getLogger(__name__)
+
+
+def _megatron_config(tp: int, sequence_parallel: bool, dtype: torch.dtype) -> ModelParallelConfig:
+    # CPU initialisation builds each full weight from the global RNG and slices it, so weights are
+    # identical for every TP size given the seed (the GPU path seeds per rank instead).
+    return ModelParallelConfig(
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        params_dtype=dtype,
+    )
+
+
+class FGCLIPModel(nn.Module):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        parallel: ParallelConfig,
+        *,
+        params_dtype: torch.dtype = torch.float32,
+        compute_dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        tp_group: dist.ProcessGroup | None = None,
+    ):
+        """Builds on the TP group of megatron's parallel_state (set up by
+        `fgclip_mega.parallel.init_parallel`) unless `tp_group` is given. Seed the global RNG
+        identically on all ranks before building: replicated weights must match over TP."""
+        super().__init__()
+        if tp_group is None:
+            if not ps.model_parallel_is_initialized():
+                raise RuntimeError(
+                    "FGCLIPModel needs megatron's process groups: call "
+                    "fgclip_mega.parallel.init_parallel(...) first"
+                )
+            tp_group = ps.get_tensor_model_parallel_group()
+        tp = tp_group.size()
+        if tp != parallel.tensor_parallel_size:
+            raise ValueError(
+                f"parallel.tensor_parallel_size={parallel.tensor_parallel_size} but "
+                f"the TP group has {tp} ranks"
+            )
+        if device is None:
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
+        device = torch.device(device)
+        self.cfg, self.tp_group = cfg, tp_group
+        sp = parallel.sequence_parallel and tp > 1
+        self.tp_config = _megatron_config(tp, sp, params_dtype)
+        # Projections act on pooled (B, D) rows that are replicated, never sequence-split.
+        proj_config = _megatron_config(tp, False, params_dtype)
+
+        backend = cfg.attention_backend
+        self.attention_backend = resolve_backend(backend, device, compute_dtype or params_dtype)
+        log.info(
+            "attention backend: %s (requested %s, %s, %s)",
+            self.attention_backend,
+            backend,
+            device,
+            compute_dtype or params_dtype,
+        )
+
+        ckpt = parallel.activation_checkpointing
+        self.vision = VisionTower(cfg.vision, self.tp_config, tp_group, backend, ckpt)
+        self.text = TextTower(cfg.text, self.tp_config, tp_group, backend, ckpt)
+
+        def projection(width: int) -> ColumnParallelLinear:
+            return ColumnParallelLinear(
+                width,
+                cfg.projection_dim,
+                config=proj_config,
+                init_method=normal_init(width**-0.5),
+                bias=False,
+                gather_output=True,
+                tp_group=tp_group,
+            )
+
+        self.visual_projection = projection(cfg.vision.width)
+        self.text_projection = projection(cfg.text.width)
+        self.text_filip_projection = projection(cfg.text.width)  # long captions
+        with torch.no_grad():
+            self.text_filip_projection.weight.copy_(self.text_projection.weight)
+        scale = torch.tensor(cfg.logit_scale_init, dtype=params_dtype)
+        self.logit_scale = nn.Parameter(scale.clone())  # global image-text
+        self.logit_scale_finegraind = nn.Parameter(scale.clone())  # regions (FG-CLIP's spelling)
+        self.logit_scale_hardneg = nn.Parameter(scale.clone())  # hard negatives
+        self.to(device)
+
+    # ------------------------------------------------------------------ forward pieces
+
+    def encode_image(
+        self, images: torch.Tensor, with_dense: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """images (B, 3, S, S) -> (B, P) image embeddings (not normalised); with `with_dense`
+        also the dense feature map (B, P, g, g) from the same pass."""
+        pooled, dense = self.vision(images, with_dense=with_dense)
+        emb = self.visual_projection(pooled)[0]  # (B, P)
+        if not with_dense:
+            return emb
+        b, g = images.shape[0], self.cfg.vision.grid_size
+        dense = self.visual_projection(dense)[0]  # (B, g*g, P)
+        return emb, dense.transpose(1, 2).reshape(b, -1, g, g)
+
+    def dense_features(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, P, g, g); use encode_image(with_dense=True) to get both at once."""
+        return self.encode_image(images, with_dense=True)[1]
+
+    def encode_text(self, tokens: torch.Tensor, long: bool = False) -> torch.Tensor:
+        """tokens (B, L) -> (B, P). Short (L <= 77): 77-row table and text_projection. Long
+        (L <= 248): the _ori/_res tables and text_filip_projection."""
+        pooled = self.text(tokens, long=long)
+        proj = self.text_filip_projection if long else self.text_projection
+        return proj(pooled)[0]
+
+    def region_embeddings(
+        self, dense: torch.Tensor, boxes: torch.Tensor, counts: torch.Tensor
+    ) -> torch.Tensor:
+        """dense (B, P, g, g); boxes (B, K, 4) normalised xyxy, padded; counts (B,) valid boxes
+        -> (sum counts, P) fp32, RoIAlign-pooled, ordered image by image."""
+        h, w = dense.shape[-2:]
+        return roi_align_1x1(dense, boxes_to_rois(boxes, counts, h, w))
+
+    def forward(
+        self,
+        images: torch.Tensor | None = None,
+        text: torch.Tensor | None = None,
+        long_text: torch.Tensor | None = None,
+        with_dense: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Whichever inputs are given -> {"image", "dense", "text", "long_text"} embeddings."""
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            if with_dense:
+                out["image"], out["dense"] = self.encode_image(images, with_dense=True)
+            else:
+                out["image"] = self.encode_image(images)
+        if text is not None:
+            out["text"] = self.encode_text(text)
+        if long_text is not None:
+            out["long_text"] = self.encode_text(long_text, long=True)
+        return out
+
+    # ------------------------------------------------------------------ training helpers
+
+    @torch.no_grad()
+    def init_stage2_scales(self, value: float | None = None) -> None:
+        """Start of stage 2: set the region and hard-negative temperatures to the global one's
+        current value (or to `value`, e.g. math.log(100))."""
+        v = self.logit_scale.detach().clone() if value is None else torch.tensor(value)
+        self.logit_scale_finegraind.copy_(v)
+        self.logit_scale_hardneg.copy_(v)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW groups: decay on matrices (linear and conv weights); none on biases, norms,
+        embeddings / position tables and temperatures."""
+        decay, no_decay = [], []
+        embeddings = {
+            "vision.class_embedding",
+            "vision.position_embedding",
+            "text.position_embedding",
+            "text.position_embedding_ori",
+            "text.position_embedding_res",
+            "text.token_embedding.weight",
+        }
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.dim() >= 2 and name not in embeddings else no_decay).append(p)
+        return [
+            {"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+
+def is_tp_sharded(param: nn.Parameter) -> bool:
+    """True for a parameter split over TP ranks (count it once per rank in norms/sizes)."""
+    return bool(getattr(param, "tensor_model_parallel", False))

@@ -1,0 +1,231 @@
+"""Pre-norm transformer blocks on megatron-core tensor-parallel layers.
+
+This is where parallelism is applied: q/k/v and fc1 are column-parallel (each TP rank owns a
+slice of the heads / MLP width), out_proj and fc2 are row-parallel (their partial sums are
+all-reduced, or reduce-scattered along the sequence with sequence parallelism). Activations are
+sequence-first, (N, B, D), the layout megatron's sequence-parallel mappings split on.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from megatron.core.model_parallel_config import ModelParallelConfig
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    checkpoint,
+    gather_from_sequence_parallel_region,
+    scatter_to_sequence_parallel_region,
+)
+from torch import nn
+
+from fgclip_mega.models.attention import attention
+
+
+def normal_init(std: float):
+    return lambda w: nn.init.normal_(w, mean=0.0, std=std)
+
+
+def layer_norm(width: int, eps: float, sequence_parallel: bool) -> nn.LayerNorm:
+    """A LayerNorm; under sequence parallelism each TP rank sees only its slice of the tokens,
+    so its grads are partial and megatron's finalize_model_grads all-reduces params marked so."""
+    norm = nn.LayerNorm(width, eps=eps)
+    if sequence_parallel:
+        for p in norm.parameters():
+            p.sequence_parallel = True
+    return norm
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(1.702 * x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        layers: int,
+        causal: bool,
+        config: ModelParallelConfig,
+        tp_group: dist.ProcessGroup,
+        backend: str,
+    ):
+        super().__init__()
+        tp = tp_group.size()
+        if heads % tp:
+            raise ValueError(f"{heads} attention heads are not divisible by TP size {tp}")
+        self.heads_local, self.head_dim = heads // tp, width // heads
+        self.causal, self.backend = causal, backend
+        # One fused projection; the full (3D, D) weight is HF's cat([q; k; v]) and stride=3 gives
+        # each rank [q_r; k_r; v_r] (its own heads of each), so one GEMM and one SP all-gather.
+        in_std = width**-0.5 * (2 * layers) ** -0.5
+        self.qkv = ColumnParallelLinear(
+            width,
+            3 * width,
+            config=config,
+            init_method=normal_init(in_std),
+            bias=True,
+            gather_output=False,
+            stride=3,
+            tp_group=tp_group,
+        )
+        self.out_proj = RowParallelLinear(
+            width,
+            width,
+            config=config,
+            init_method=normal_init(width**-0.5),
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N or N/tp, B, D) -> q, k, v each (N, B, H/tp, hd); SP inputs are gathered here."""
+        qkv, _ = self.qkv(x)  # (N, B, 3 * H/tp * hd)
+        n, b = qkv.shape[:2]
+        return qkv.view(n, b, 3, self.heads_local, self.head_dim).unbind(2)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int
+    ) -> torch.Tensor:
+        """q, k, v (N, B, H/tp, hd); tokens >= n_valid are sequence-parallel padding and are
+        left out of the attention (their output is zero)."""
+        n, b = q.shape[:2]
+        q, k, v = (t[:n_valid].permute(1, 2, 0, 3) for t in (q, k, v))  # (B, H/tp, n, hd)
+        out = attention(q, k, v, causal=self.causal, backend=self.backend)
+        out = out.permute(2, 0, 1, 3).reshape(n_valid, b, -1)  # (n, B, H/tp * hd)
+        if n_valid < n:
+            out = torch.cat([out, out.new_zeros(n - n_valid, *out.shape[1:])])
+        return self.out_proj(out)[0]  # (N or N/tp, B, D)
+
+    def value_path(self, v: torch.Tensor) -> torch.Tensor:
+        """Attention with every token attending only to itself: out_proj(v); (N, B, H/tp, hd)."""
+        n, b = v.shape[:2]
+        return self.out_proj(v.reshape(n, b, -1))[0]
+
+
+class MLP(nn.Module):
+    def __init__(
+        self,
+        width: int,
+        mlp_width: int,
+        layers: int,
+        config: ModelParallelConfig,
+        tp_group: dist.ProcessGroup,
+    ):
+        super().__init__()
+        self.fc1 = ColumnParallelLinear(
+            width,
+            mlp_width,
+            config=config,
+            init_method=normal_init((2 * width) ** -0.5),
+            bias=True,
+            gather_output=False,
+            tp_group=tp_group,
+        )
+        self.fc2 = RowParallelLinear(
+            mlp_width,
+            width,
+            config=config,
+            init_method=normal_init(width**-0.5 * (2 * layers) ** -0.5),
+            bias=True,
+            input_is_parallel=True,
+            skip_bias_add=False,
+            tp_group=tp_group,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(quick_gelu(self.fc1(x)[0]))[0]
+
+
+class Block(nn.Module):
+    """OpenAI-CLIP residual block: x + attn(ln1(x)), then + mlp(ln2(.))."""
+
+    def __init__(self, width, heads, mlp_width, layers, eps, causal, config, tp_group, backend):
+        super().__init__()
+        sp = config.sequence_parallel
+        self.norm1 = layer_norm(width, eps, sp)
+        self.attn = SelfAttention(width, heads, layers, causal, config, tp_group, backend)
+        self.norm2 = layer_norm(width, eps, sp)
+        self.mlp = MLP(width, mlp_width, layers, config, tp_group)
+
+    def forward(
+        self, x: torch.Tensor, n_valid: int, with_dense: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (N, B, D) (N/tp under SP). With `with_dense`, also returns the block run with its
+        attention replaced by the value path (FG-CLIP's dense features), sharing ln1 and qkv."""
+        q, k, v = self.attn.project_qkv(self.norm1(x))
+        h = x + self.attn(q, k, v, n_valid)
+        out = h + self.mlp(self.norm2(h))
+        if not with_dense:
+            return out
+        d = x + self.attn.value_path(v)
+        return out, d + self.mlp(self.norm2(d))
+
+
+class Transformer(nn.Module):
+    """A stack of blocks; owns the sequence-parallel split/gather and activation checkpointing."""
+
+    def __init__(
+        self,
+        width,
+        heads,
+        mlp_width,
+        layers,
+        eps,
+        causal,
+        config,
+        tp_group,
+        backend,
+        activation_checkpointing: bool,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            Block(width, heads, mlp_width, layers, eps, causal, config, tp_group, backend)
+            for _ in range(layers)
+        )
+        self.tp_group = tp_group
+        self.sequence_parallel = config.sequence_parallel
+        self.activation_checkpointing = activation_checkpointing
+
+    def _run(self, block: Block, x: torch.Tensor, n_valid: int, with_dense: bool):
+        if self.activation_checkpointing and torch.is_grad_enabled():
+            # megatron's checkpoint also restores the TP RNG-tracker state for the recompute.
+            return checkpoint(lambda t: block(t, n_valid, with_dense), False, x)
+        return block(x, n_valid, with_dense)
+
+    def forward(
+        self, x: torch.Tensor, with_dense: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (N, B, D), the same on every TP rank -> (N, B, D); with `with_dense` also the dense
+        (value-path) output of the last block."""
+        n = x.shape[0]
+        if self.sequence_parallel:
+            # Pad N to a multiple of the TP size; padding never enters attention.
+            tp = self.tp_group.size()
+            pad = math.ceil(n / tp) * tp - n
+            if pad:
+                x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
+            x = scatter_to_sequence_parallel_region(x, group=self.tp_group)  # (N/tp, B, D)
+        dense = None
+        for i, block in enumerate(self.blocks):
+            last = i == len(self.blocks) - 1
+            if last and with_dense:
+                x, dense = self._run(block, x, n, True)
+            else:
+                x = self._run(block, x, n, False)
+        outs = [x] if dense is None else [x, dense]
+        if self.sequence_parallel:
+            # Everything after the tower is replicated over TP, so the backward only splits.
+            outs = [
+                gather_from_sequence_parallel_region(
+                    t, tensor_parallel_output_grad=False, group=self.tp_group
+                )[:n]
+                for t in outs
+            ]
+        return outs[0] if dense is None else (outs[0], outs[1])

@@ -1,0 +1,65 @@
+"""The attention dispatch against a plain softmax-attention reference written here."""
+
+import math
+
+import pytest
+import torch
+
+from fgclip_mega.models.attention import attention, flash_attn_installed, resolve_backend
+
+
+def _reference(q, k, v, causal):
+    # Independent of the module: a loop over query positions in float64.
+    q, k, v = q.double(), k.double(), v.double()
+    n = q.shape[-2]
+    out = torch.empty_like(q)
+    for i in range(n):
+        keys = slice(0, i + 1) if causal else slice(0, n)
+        s = (q[..., i : i + 1, :] @ k[..., keys, :].transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        out[..., i : i + 1, :] = torch.softmax(s, dim=-1) @ v[..., keys, :]
+    return out
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 8), (2, 3, 13, 16), (3, 2, 77, 24), (2, 5, 197, 64)])
+def test_backend_matches_reference(backend, causal, shape):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(shape) for _ in range(3))
+    out = attention(q, k, v, causal=causal, backend=backend)
+    assert out.shape == shape and out.dtype == q.dtype
+    torch.testing.assert_close(out.double(), _reference(q, k, v, causal), atol=2e-6, rtol=1e-5)
+
+
+def test_causal_differs_from_full_and_first_token_attends_itself():
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
+    causal = attention(q, k, v, causal=True, backend="sdpa")
+    full = attention(q, k, v, causal=False, backend="sdpa")
+    torch.testing.assert_close(causal[..., 0, :], v[..., 0, :])
+    assert (causal - full).abs().max() > 1e-3
+
+
+def test_resolution_on_cpu():
+    cpu = torch.device("cpu")
+    assert resolve_backend("auto", cpu, torch.float32) == "sdpa"
+    assert resolve_backend("auto", cpu, torch.bfloat16) == "sdpa"
+    assert resolve_backend("math", cpu, torch.float32) == "math"
+    with pytest.raises(RuntimeError, match="flash_attn package, a CUDA device"):
+        resolve_backend("flash", cpu, torch.bfloat16)
+    with pytest.raises(ValueError, match="not one of"):
+        resolve_backend("xformers", cpu, torch.float32)
+
+
+@pytest.mark.gpu
+def test_flash_matches_sdpa_on_cuda():
+    assert flash_attn_installed(), "flash_attn is not installed on this GPU machine"
+    dev = torch.device("cuda")
+    assert resolve_backend("auto", dev, torch.bfloat16) == "flash"
+    assert resolve_backend("auto", dev, torch.float32) == "sdpa"
+    torch.manual_seed(0)
+    for causal in (False, True):
+        q, k, v = (torch.randn(2, 12, 197, 64, device=dev, dtype=torch.bfloat16) for _ in range(3))
+        flash = attention(q, k, v, causal=causal, backend="flash")
+        ref = _reference(q.float().cpu(), k.float().cpu(), v.float().cpu(), causal)
+        torch.testing.assert_close(flash.double().cpu(), ref, atol=2e-2, rtol=2e-2)
