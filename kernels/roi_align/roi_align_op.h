@@ -1,0 +1,64 @@
+// Host-side argument checks and the per-box profile buffers shared by the CPU and CUDA ops.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fgclip::roi_align {
+
+// Profiles are always kept in the accumulation type: float for fp16/bf16/fp32, double for fp64.
+inline at::ScalarType acc_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_rois(const at::Tensor& rois, const at::Tensor& like) {
+  TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5,
+              "fgclip::roi_align: rois must be (K, 5) [batch_index, x1, y1, x2, y2], got ",
+              rois.sizes());
+  TORCH_CHECK(at::isFloatingType(rois.scalar_type()), "fgclip::roi_align: rois must be floating");
+  TORCH_CHECK(rois.device() == like.device(), "fgclip::roi_align: rois on ", rois.device(),
+              " but features on ", like.device());
+}
+
+inline void check_forward_args(const at::Tensor& input, const at::Tensor& rois, int64_t ph,
+                               int64_t pw) {
+  TORCH_CHECK(input.dim() == 4, "fgclip::roi_align: input must be (N, C, H, W), got ",
+              input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "fgclip::roi_align: input must be fp16, bf16, fp32 or fp64");
+  TORCH_CHECK(ph > 0 && pw > 0, "fgclip::roi_align: output size must be positive");
+  check_rois(rois, input);
+}
+
+inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois, int64_t ph,
+                                int64_t pw, int64_t n, int64_t c, int64_t h, int64_t w) {
+  TORCH_CHECK(ph > 0 && pw > 0, "fgclip::roi_align_backward: output size must be positive");
+  TORCH_CHECK(n >= 0 && c >= 0 && h >= 0 && w >= 0,
+              "fgclip::roi_align_backward: negative input size");
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
+              "fgclip::roi_align_backward: grad must be floating");
+  check_rois(rois, grad);
+  TORCH_CHECK(grad.dim() == 4 && grad.size(0) == rois.size(0) && grad.size(1) == c &&
+                  grad.size(2) == ph && grad.size(3) == pw,
+              "fgclip::roi_align_backward: grad must be (K, C, PH, PW) = (", rois.size(0), ", ",
+              c, ", ", ph, ", ", pw, "), got ", grad.sizes());
+}
+
+// Separable sampling weights of every box (see roi_align_common.h).
+struct Profiles {
+  at::Tensor wy;    // (K, PH, H) acc: row weights of each output row bin
+  at::Tensor wx;    // (K, PW, W) acc: column weights of each output column bin
+  at::Tensor ry;    // (K, PH, 2) int32: [lo, hi) support of each wy row
+  at::Tensor rx;    // (K, PW, 2) int32: [lo, hi) support of each wx row
+  at::Tensor meta;  // (K, 5) int32: [batch index or -1 if out of range, y0, y1, x0, x1] (union)
+  at::Tensor norm;  // (K,) acc: 1 / (grid_h * grid_w), 0 for boxes without samples
+};
+
+inline Profiles alloc_profiles(int64_t k, int64_t ph, int64_t pw, int64_t h, int64_t w,
+                               const at::TensorOptions& acc_opts) {
+  const auto iopts = acc_opts.dtype(at::kInt);
+  return Profiles{at::zeros({k, ph, h}, acc_opts), at::zeros({k, pw, w}, acc_opts),
+                  at::empty({k, ph, 2}, iopts),    at::empty({k, pw, 2}, iopts),
+                  at::empty({k, 5}, iopts),        at::empty({k}, acc_opts)};
+}
+
+}  // namespace fgclip::roi_align
