@@ -138,6 +138,18 @@ class DataConfig:
     """Seed of the per-epoch shard and sample shuffle."""
     synthetic_num_samples: int = 256
     """Images generated for the embedded synthetic dataset when `shards` is empty."""
+    synthetic_dir: str = "runs/synthetic_data"
+    """Cache directory of the embedded synthetic shards (built once, shared by all ranks)."""
+    read_block_size: int = 256
+    """Samples per contiguous shard read; blocks are the unit of the per-epoch shuffle."""
+    shuffle_window_blocks: int = 8
+    """Blocks whose samples are shuffled together in memory (the shuffle buffer)."""
+    region_text: Literal["random", "short", "long"] = "random"
+    """Region phrase per box: short_expr, long_expr, or a seeded per-epoch coin (upstream)."""
+    resize_antialias: Literal["auto", "on", "off"] = "auto"
+    """Antialiased squash resize; auto = on for mixed (GPU) decode, off for CPU (speed)."""
+    py_start_method: Literal["auto", "fork", "spawn"] = "auto"
+    """Reader process start; auto = fork unless CUDA is already initialised, then spawn."""
 
 
 @dataclass

@@ -1,0 +1,109 @@
+"""The embedded synthetic dataset: a small shard set built once for CPU training and tests.
+
+It takes the same path as real data: scenes are written as FineHARD JSONL + JPEG files
+(`raw/`), then parsed, validated and sharded (`shards/`) with the library's ingest and shard
+writer. The index records the generation parameters; a matching index is reused as is.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from fgclip_mega.data.ingest import BadRecord, iter_records, load_image, parse_record
+from fgclip_mega.data.shards import INDEX_NAME, shard_name, write_index, write_shard
+from fgclip_mega.data.synthetic import make_scene
+
+log = logging.getLogger(__name__)
+
+
+def synthetic_image_shape(image_size: int) -> tuple[int, int]:
+    """(width, height) of generated images: 4:3, height 1.5x the model input (>= 48 px)."""
+    height = max(48, round(1.5 * image_size))
+    return round(height * 4 / 3), height
+
+
+def write_raw_split(
+    root: str | Path,
+    split: str,
+    num_samples: int,
+    seed: int,
+    width: int,
+    height: int,
+    start: int = 0,
+) -> Path:
+    """Writes images `start..start+num_samples` of `split` under root/images, records to jsonl."""
+    root = Path(root)
+    jsonl = root / f"{split}.jsonl"
+    (root / "images" / split).mkdir(parents=True, exist_ok=True)
+    with open(jsonl, "w", encoding="utf-8") as fh:
+        for i in range(start, start + num_samples):
+            f_path, jpeg, record = make_scene(seed, split, i, width, height)
+            (root / "images" / f_path).write_bytes(jpeg)
+            fh.write(json.dumps(record) + "\n")
+    return jsonl
+
+
+def ensure_synthetic_shards(
+    directory: str | Path,
+    num_samples: int = 256,
+    image_size: int = 224,
+    seed: int = 0,
+    shard_size: int = 64,
+    num_negatives: int = 10,
+) -> Path:
+    """Path of index.json of a synthetic train split in `directory`, built if missing/stale."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    width, height = synthetic_image_shape(image_size)
+    params = {
+        "num_samples": num_samples,
+        "width": width,
+        "height": height,
+        "seed": seed,
+        "shard_size": shard_size,
+        "num_negatives": num_negatives,
+    }
+    index_path = directory / "shards" / INDEX_NAME
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one rank builds, the others wait and reuse
+        if index_path.is_file():
+            with open(index_path, encoding="utf-8") as fh:
+                if json.load(fh).get("synthetic") == params:
+                    return index_path
+        t0 = time.time()
+        raw = directory / "raw"
+        jsonl = write_raw_split(raw, "train", num_samples, seed, width, height)
+        out = directory / "shards"
+        out.mkdir(exist_ok=True)
+        index_path.unlink(missing_ok=True)
+        samples, shards = [], []
+        records = list(iter_records(str(jsonl)))
+        for n, (source, rec) in enumerate(records):
+            try:
+                if isinstance(rec, BadRecord):
+                    raise rec
+                sample, f_path, problems = parse_record(rec, num_negatives, source=source)
+                if problems:  # generated data is valid by construction
+                    raise BadRecord("; ".join(p.reason for p in problems))
+                sample.image, sample.width, sample.height = load_image(
+                    os.path.join(raw, "images", f_path)
+                )
+            except BadRecord as e:
+                raise RuntimeError(f"synthetic record {source} is invalid: {e}") from e
+            samples.append(sample)
+            if len(samples) == shard_size or n == len(records) - 1:
+                name = shard_name(len(shards))
+                done = write_shard(out / name, samples, num_negatives)
+                shards.append({"path": name, **done})
+                samples = []
+        write_index(out, shards, {"num_negatives": num_negatives, "synthetic": params})
+        log.info(
+            "built %d synthetic samples (%dx%d) in %d shards at %s in %.1f s",
+            num_samples, width, height, len(shards), out, time.time() - t0,
+        )  # fmt: skip
+        return index_path

@@ -1,0 +1,242 @@
+"""FineHARD records and image files -> validated `Sample`s, the input side of the shard format.
+
+A record is a dict with `f_path`, `caption`, `short_caption` and optionally `bbox_info` (stage-2
+data): a list of boxes, each with `bbox` (normalised [x1, y1, x2, y2], an optional 5th detector
+score is ignored), `short_expr`, `long_expr`, `flag_short_neg` and `short_expr_negs` (a dict or
+list of negative phrases, used when the flag is 1).
+
+Validation never raises past the caller for bad data: a broken record raises `BadRecord` (the
+record is skipped), a broken box is dropped from its record and reported as a `Problem`, and a
+missing or undecodable image raises `BadRecord` from `load_image`. Every problem names the key
+(or the JSON source line) so a report can list each culprit.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+BOX_TOLERANCE = 1e-3
+"""Coordinates within this of [0, 1] are clipped into it; further out the box is rejected."""
+
+
+class BadRecord(ValueError):
+    """The record (or its image) cannot be used; the message is the reason."""
+
+
+@dataclass
+class Problem:
+    key: str
+    """Record key (its f_path), or the JSON source location when the record has none."""
+    reason: str
+    """Human-readable cause."""
+    kind: str
+    """'record', 'image' or 'box' ('box': only that box was dropped)."""
+    box: int | None = None
+    """Index of the box in the record's bbox_info (box problems only)."""
+    source: str = ""
+    """Input file and line of the record."""
+
+
+@dataclass
+class Sample:
+    key: str
+    """Unique name of the sample (the record's f_path)."""
+    caption: str
+    """Long caption."""
+    short_caption: str
+    """Short caption (without any prefix)."""
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    """(m, 4) float32 normalised xyxy, clipped to [0, 1]."""
+    short_exprs: list[str] = field(default_factory=list)
+    """Per box: short region phrase."""
+    long_exprs: list[str] = field(default_factory=list)
+    """Per box: long region phrase."""
+    neg_flags: list[int] = field(default_factory=list)
+    """Per box: 1 when `negs[i]` holds exactly num_negatives hard negatives."""
+    negs: list[list[str]] = field(default_factory=list)
+    """Per box: the hard-negative phrases ([] when the flag is 0)."""
+    image: bytes = b""
+    """Encoded JPEG."""
+    width: int = 0
+    """Pixel width of the stored JPEG."""
+    height: int = 0
+    """Pixel height of the stored JPEG."""
+
+
+def _text(rec: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    value = rec.get(name)
+    if not isinstance(value, str):
+        raise BadRecord(f"{where}{name} is {type(value).__name__}, expected a string")
+    if not allow_empty and not value.strip():
+        raise BadRecord(f"{where}{name} is empty")
+    return value
+
+
+def _parse_box(raw: object, i: int, num_negatives: int, tol: float) -> tuple[tuple, str | None]:
+    """((box, short, long, flag, negs), note) or raises BadRecord naming what is wrong."""
+    where = f"bbox_info[{i}]."
+    if not isinstance(raw, dict):
+        raise BadRecord(f"bbox_info[{i}] is {type(raw).__name__}, expected an object")
+    bbox = raw.get("bbox")
+    if not isinstance(bbox, list | tuple) or len(bbox) not in (4, 5):
+        raise BadRecord(f"{where}bbox must be a list of 4 (or 5 with a score) numbers: {bbox!r}")
+    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
+        raise BadRecord(f"{where}bbox has a non-number: {bbox!r}")
+    x1, y1, x2, y2 = (float(v) for v in bbox[:4])
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise BadRecord(f"{where}bbox has NaN/inf: {bbox!r}")
+    if min(x1, y1, x2, y2) < -tol or max(x1, y1, x2, y2) > 1 + tol:
+        raise BadRecord(f"{where}bbox outside [0, 1] (tolerance {tol}): {bbox!r}")
+    if x2 < x1 or y2 < y1:
+        raise BadRecord(f"{where}bbox has x2 < x1 or y2 < y1: {bbox!r}")
+    box = tuple(min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
+    short = _text(raw, "short_expr", where)
+    long = _text(raw, "long_expr", where)
+    flag = raw.get("flag_short_neg", 0)
+    if flag not in (0, 1) or isinstance(flag, float):
+        raise BadRecord(f"{where}flag_short_neg must be 0 or 1, got {flag!r}")
+    negs: list[str] = []
+    note = None
+    if flag == 1:
+        raw_negs = raw.get("short_expr_negs")
+        values = list(raw_negs.values()) if isinstance(raw_negs, dict) else raw_negs
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
+            note = f"{where}short_expr_negs is not a dict/list of strings: negatives dropped"
+        elif len(values) < num_negatives:
+            note = (
+                f"{where}flag_short_neg=1 but {len(values)} short_expr_negs "
+                f"(need {num_negatives}): negatives dropped"
+            )
+        else:
+            negs = values[:num_negatives]
+        if note:
+            flag = 0
+    return (box, short, long, int(flag), negs), note
+
+
+def parse_record(
+    rec: object,
+    num_negatives: int = 10,
+    max_boxes: int | None = None,
+    strip_prefix: str = "",
+    source: str = "",
+    tol: float = BOX_TOLERANCE,
+) -> tuple[Sample, str, list[Problem]]:
+    """(sample without image, image path relative to the image root, box problems).
+
+    Raises BadRecord when the record as a whole is unusable. Bad boxes are dropped and reported;
+    `max_boxes` keeps the first that many valid boxes (None keeps all).
+    """
+    if not isinstance(rec, dict):
+        raise BadRecord(f"record is {type(rec).__name__}, expected an object")
+    f_path = _text(rec, "f_path", "")
+    if strip_prefix and f_path.startswith(strip_prefix):
+        f_path = f_path[len(strip_prefix) :]
+    sample = Sample(
+        key=f_path,
+        caption=_text(rec, "caption", ""),
+        short_caption=_text(rec, "short_caption", "", allow_empty=True),
+    )
+    infos = rec.get("bbox_info")
+    if infos is None:
+        infos = []
+    if not isinstance(infos, list):
+        raise BadRecord(f"bbox_info is {type(infos).__name__}, expected a list")
+    problems: list[Problem] = []
+    boxes = []
+    for i, raw in enumerate(infos):
+        if max_boxes is not None and len(boxes) >= max_boxes:
+            break
+        try:
+            parsed, note = _parse_box(raw, i, num_negatives, tol)
+        except BadRecord as e:
+            problems.append(Problem(f_path, str(e), "box", i, source))
+            continue
+        if note:
+            problems.append(Problem(f_path, note, "box", i, source))
+        box, short, long, flag, negs = parsed
+        boxes.append(box)
+        sample.short_exprs.append(short)
+        sample.long_exprs.append(long)
+        sample.neg_flags.append(flag)
+        sample.negs.append(negs)
+    sample.boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+    return sample, f_path, problems
+
+
+def load_image(path: str, max_side: int | None = None, quality: int = 90) -> tuple[bytes, int, int]:
+    """(JPEG bytes, width, height) of a fully decodable image; raises BadRecord otherwise.
+
+    The original bytes are kept when they already are an RGB/grey JPEG without an EXIF rotation
+    and within `max_side`; anything else (PNG, CMYK, rotated, too large) is re-encoded as an RGB
+    JPEG, rotated upright and shrunk so its longer side is at most `max_side`.
+    """
+    from PIL import Image, ImageOps
+
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except FileNotFoundError:
+        raise BadRecord(f"missing image file {path}") from None
+    except OSError as e:
+        raise BadRecord(f"unreadable image file {path}: {e}") from None
+    if not data:
+        raise BadRecord(f"empty image file {path}")
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()  # full decode: truncated or corrupt data fails here, not in the loader
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise BadRecord(f"undecodable image {path}: {type(e).__name__}: {e}") from None
+    orientation = img.getexif().get(0x0112, 1)
+    too_big = max_side is not None and max(img.size) > max_side
+    if img.format == "JPEG" and img.mode in ("RGB", "L") and orientation == 1 and not too_big:
+        return data, img.width, img.height
+    img = ImageOps.exif_transpose(img).convert("RGB")
+    if max_side is not None and max(img.size) > max_side:
+        scale = max_side / max(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        img = img.resize(size, Image.BICUBIC)
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), img.width, img.height
+
+
+def iter_records(path: str) -> Iterator[tuple[str, object]]:
+    """(source 'file:line', record or BadRecord) for a .jsonl or .json (list) file, in order."""
+    if path.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{path}:{n}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield f"{path}:{n}", BadRecord(f"invalid JSON: {e}")
+        return
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = json.load(fh)
+        except json.JSONDecodeError as e:
+            raise BadRecord(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(data, list):
+        raise BadRecord(f"{path}: top level must be a list of records")
+    for n, rec in enumerate(data):
+        yield f"{path}[{n}]", rec
+
+
+def input_files(path: str) -> list[str]:
+    """The annotation files of `path`: itself, the files a .txt lists, or a directory's .json(l)."""
+    if os.path.isdir(path):
+        names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".jsonl")))
+        return [os.path.join(path, n) for n in names]
+    if path.endswith(".txt"):
+        with open(path, encoding="utf-8") as fh:
+            return [line.strip() for line in fh if line.strip()]
+    return [path]

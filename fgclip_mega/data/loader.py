@@ -1,0 +1,204 @@
+"""DALI loader: shards -> parallel external source -> JPEG decode -> squash resize -> normalise.
+
+Decode placement is one dispatch (`decode_device`): 'mixed' (nvJPEG on the GPU, then resize and
+normalise on the GPU) when DALI sees a CUDA device and the training device is CUDA, 'cpu'
+(libjpeg-turbo in DALI's CPU threads) otherwise. Resize squashes to image_size x image_size like
+upstream FG-CLIP. Antialiasing (`resize_antialias`, auto = on for mixed, off for cpu): on the CPU
+the antialiased resize costs ~40% of the throughput on 2 cores (DALI 310 vs 522 img/s), so the
+CPU path samples bilinearly without the low-pass filter; on the GPU it is free and is kept.
+
+Public entry point for the trainer: `build_loader(cfg.data, image_size=..., ...)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fgclip_mega.config import DataConfig
+from fgclip_mega.data.batch import CLIP_MEAN, CLIP_STD, Batch, batch_from_arrays
+from fgclip_mega.data.shards import ShardSet, open_shard_set
+from fgclip_mega.data.source import OUTPUTS, SampleSource
+from fgclip_mega.data.stream import StreamLoader
+
+
+def dali_cuda_devices() -> int:
+    from nvidia.dali import backend
+
+    return int(backend.GetCUDADeviceCount())
+
+
+def resolve_decode_device(setting: str, device: torch.device) -> str:
+    """'mixed' or 'cpu' for DataConfig.decode_device on the given training device."""
+    if setting == "cpu":
+        return "cpu"
+    has_cuda = device.type == "cuda" and dali_cuda_devices() > 0
+    if setting == "mixed" and not has_cuda:
+        raise ValueError(
+            f"data.decode_device=mixed needs a CUDA training device that DALI can see "
+            f"(device={device}, DALI CUDA devices={dali_cuda_devices()})"
+        )
+    return "mixed" if has_cuda else "cpu"
+
+
+def resolve_antialias(setting: str, decode_device: str) -> bool:
+    return {"on": True, "off": False}.get(setting, decode_device == "mixed")
+
+
+def resolve_start_method(setting: str) -> str:
+    """fork unless CUDA is already initialised in this process (a forked child cannot use it)."""
+    if setting != "auto":
+        return setting
+    return "spawn" if torch.cuda.is_initialized() else "fork"
+
+
+def _build_pipeline(
+    source: SampleSource,
+    cfg: DataConfig,
+    image_size: int,
+    decode_device: str,
+    device_id: int | None,
+    antialias: bool,
+):
+    from nvidia.dali import fn, pipeline_def, types
+
+    workers = cfg.py_num_workers
+    dtypes = {
+        "jpeg": types.UINT8,
+        "boxes": types.FLOAT,
+        "sample_ids": types.INT64,
+        "positions": types.INT64,
+        "hardneg_valid": types.UINT8,
+    }
+
+    @pipeline_def(
+        batch_size=source.spec.batch_size,
+        num_threads=cfg.num_threads,
+        device_id=device_id,
+        prefetch_queue_depth=cfg.prefetch_queue_depth,
+        py_num_workers=max(1, workers),
+        py_start_method=resolve_start_method(cfg.py_start_method),
+    )
+    def pipe():
+        outs = fn.external_source(
+            source=source,
+            num_outputs=len(OUTPUTS),
+            batch=True,
+            batch_info=True,
+            parallel=workers > 0,
+            dtype=[dtypes.get(name, types.INT32) for name in OUTPUTS],
+        )
+        images = fn.decoders.image(outs[0], device=decode_device, output_type=types.RGB)
+        images = fn.resize(
+            images,
+            resize_x=image_size,
+            resize_y=image_size,
+            interp_type=types.INTERP_LINEAR,
+            antialias=antialias,
+        )
+        images = fn.crop_mirror_normalize(
+            images,
+            dtype=types.FLOAT,
+            output_layout="CHW",
+            mean=[255 * m for m in CLIP_MEAN],
+            std=[255 * s for s in CLIP_STD],
+        )
+        return (images, *outs[1:])
+
+    return pipe()
+
+
+class DaliLoader(StreamLoader):
+    """Micro-batches decoded by DALI; `next(loader)` returns a Batch on `device`."""
+
+    def __init__(
+        self,
+        cfg: DataConfig,
+        image_size: int,
+        short_context: int = 77,
+        long_context: int = 248,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        device: torch.device | str | None = None,
+        shards: ShardSet | None = None,
+    ):
+        super().__init__(cfg, image_size, short_context, long_context, dp_rank, dp_size, shards)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.decode_device = resolve_decode_device(cfg.decode_device, self.device)
+        self.antialias = resolve_antialias(cfg.resize_antialias, self.decode_device)
+        self._iter = None
+        self._pipe = None
+
+    def _start(self) -> None:
+        from dataclasses import replace
+
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        source = SampleSource(replace(self.spec, start=self.position))
+        device_id = None
+        if self.decode_device == "mixed":
+            device_id = self.device.index if self.device.index is not None else 0
+        self._pipe = _build_pipeline(
+            source, self.cfg, self.image_size, self.decode_device, device_id, self.antialias
+        )
+        self._pipe.build()
+        names = ["images", *OUTPUTS[1:]]
+        self._iter = DALIGenericIterator([self._pipe], names, auto_reset=False)
+
+    def __next__(self) -> Batch:
+        if self._iter is None:
+            self._start()
+        out = next(self._iter)[0]
+        self._check_positions(out["positions"].numpy())
+        ids = out["sample_ids"].numpy()
+        out["epoch"] = self.order.locate(self.position)[0]
+        batch = batch_from_arrays(out["images"], out, self.keys_of(ids))
+        self.position += self.batch_size
+        return batch.to(self.device)
+
+    def _restart(self, position: int) -> None:
+        self.close()
+        super()._restart(position)
+
+    def close(self) -> None:
+        # Dropping the iterator and pipeline stops DALI's threads and reader processes.
+        self._iter = None
+        self._pipe = None
+
+
+def build_loader(
+    cfg: DataConfig,
+    image_size: int,
+    short_context: int = 77,
+    long_context: int = 248,
+    dp_rank: int = 0,
+    dp_size: int = 1,
+    device: torch.device | str | None = None,
+    kind: str = "dali",
+) -> StreamLoader:
+    """The trainer's entry point: a DALI (or PIL reference) loader over `cfg.shards`.
+
+    With `cfg.shards` empty, the embedded synthetic set (cfg.synthetic_num_samples images) is
+    built once in `cfg.synthetic_dir` and used; concurrent ranks wait on a file lock.
+    """
+    if cfg.shards:
+        shards = open_shard_set(cfg.shards)
+    else:
+        from fgclip_mega.data.embedded import ensure_synthetic_shards
+
+        index = ensure_synthetic_shards(
+            cfg.synthetic_dir, cfg.synthetic_num_samples, image_size, seed=cfg.seed
+        )
+        shards = open_shard_set(index)
+    args = (cfg, image_size, short_context, long_context, dp_rank, dp_size)
+    if kind == "dali":
+        return DaliLoader(*args, device=device, shards=shards)
+    if kind == "pil":
+        from fgclip_mega.data.pil_loader import PilLoader
+
+        return PilLoader(*args, device=device, shards=shards)
+    raise ValueError(f"loader kind {kind!r}: expected 'dali' or 'pil'")
+
+
+__all__ = ["Batch", "DaliLoader", "build_loader", "resolve_decode_device"]

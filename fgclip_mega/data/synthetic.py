@@ -1,0 +1,238 @@
+"""Synthetic fine-grained scenes in the FineHARD record format.
+
+Each image holds 2..max_objects shapes, each with four attributes (shape, colour, size, texture)
+at a random non-overlapping position on a noisy background. Per image: a long caption describing
+every object and where it is, a short caption, and per object a box with `short_expr` (all four
+attributes), `long_expr` (attributes + position) and, for most boxes, 10 hard negatives that
+change exactly one attribute of `short_expr` (FineHARD's recipe). Negatives that would describe
+another object of the same image are excluded, so a negative is never true.
+
+Everything is a pure function of (seed, split, index): any worker count gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star")
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 50),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 30),
+    "purple": (130, 50, 170),
+    "orange": (245, 130, 20),
+    "pink": (245, 140, 190),
+    "brown": (130, 80, 35),
+    "white": (250, 250, 250),
+    "black": (20, 20, 20),
+    "cyan": (40, 200, 210),
+}
+SIZES = {"small": 0.16, "medium": 0.24, "large": 0.34}  # side as a fraction of min(W, H)
+TEXTURES = ("plain", "striped", "dotted", "checkered")
+BACKGROUNDS = {
+    "beige": (225, 215, 190),
+    "gray": (150, 150, 150),
+    "pale blue": (190, 210, 235),
+    "mint": (195, 230, 205),
+    "sand": (210, 190, 150),
+}
+SPLITS = ("train", "val", "test")
+_SPLIT_SALT = {"train": 11, "val": 12, "test": 13}
+_COUNT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+_SENTENCES = (
+    "In the {position} there is a {size} {colour} {shape} with a {texture} pattern.",
+    "A {size} {colour} {shape} with a {texture} pattern sits in the {position}.",
+    "The {position} of the picture shows a {size} {colour} {shape} whose pattern is {texture}.",
+)
+
+
+@dataclass(frozen=True)
+class SceneObject:
+    shape: str
+    colour: str
+    size: str
+    texture: str
+    box: tuple[float, float, float, float]
+    """Normalised (x1, y1, x2, y2) of the drawn pixels."""
+    position: str
+
+    @property
+    def short_expr(self) -> str:
+        return f"a {self.size} {self.colour} {self.texture} {self.shape}"
+
+    @property
+    def long_expr(self) -> str:
+        return (
+            f"a {self.size} {self.colour} {self.shape} with a {self.texture} pattern "
+            f"in the {self.position} of the image"
+        )
+
+
+def _position_word(cx: float, cy: float) -> str:
+    col = ("left", "center", "right")[min(int(cx * 3), 2)]
+    row = ("top", "middle", "bottom")[min(int(cy * 3), 2)]
+    if row == "middle":
+        return "center" if col == "center" else col
+    return row if col == "center" else f"{row} {col}"
+
+
+def _apart(a: tuple[int, ...], b: tuple[int, ...], gap: int = 2) -> bool:
+    """Whether pixel boxes a and b are at least `gap` apart: each box holds exactly one object."""
+    return a[0] >= b[2] + gap or a[2] + gap <= b[0] or a[1] >= b[3] + gap or a[3] + gap <= b[1]
+
+
+def _outline(shape: str, side: float) -> list[tuple[float, float]] | None:
+    """Polygon of `shape` in a side x side local frame; None for the circle (an ellipse)."""
+    s, c = side, side / 2
+    if shape == "circle":
+        return None
+    if shape == "square":
+        return [(0, 0), (s, 0), (s, s), (0, s)]
+    if shape == "triangle":
+        return [(c, 0), (s, s), (0, s)]
+    if shape == "diamond":
+        return [(c, 0), (s, c), (c, s), (0, c)]
+    if shape == "hexagon":
+        return [(c + c * math.cos(a), c + c * math.sin(a)) for a in np.arange(6) * math.pi / 3]
+    radii = [c if k % 2 == 0 else 0.45 * c for k in range(10)]  # five-pointed star
+    angles = [-math.pi / 2 + k * math.pi / 5 for k in range(10)]
+    return [(c + r * math.cos(a), c + r * math.sin(a)) for r, a in zip(radii, angles, strict=True)]
+
+
+def _texture_mask(texture: str, n: int) -> np.ndarray:
+    """(n, n) bool: True where the texture's second shade is drawn."""
+    yy, xx = np.mgrid[0:n, 0:n]
+    period = max(6, n // 6)
+    if texture == "striped":
+        return ((xx + yy) // (period // 2)) % 2 == 1
+    if texture == "dotted":
+        r = period / 4
+        return ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < r * r
+    if texture == "checkered":
+        return ((xx // period) + (yy // period)) % 2 == 1
+    return np.zeros((n, n), dtype=bool)
+
+
+def _draw(img: Image.Image, obj: SceneObject, x0: int, y0: int, side: int) -> tuple[int, ...]:
+    """Draws `obj` with its top-left at (x0, y0); returns the tight pixel box (x1, y1, x2, y2)."""
+    mask = Image.new("L", (side, side), 0)
+    pts = _outline(obj.shape, side - 1)
+    if pts is None:
+        ImageDraw.Draw(mask).ellipse([0, 0, side - 1, side - 1], fill=255)
+    else:
+        ImageDraw.Draw(mask).polygon(pts, fill=255)
+    base = np.array(COLOURS[obj.colour], dtype=np.int16)
+    # The second shade must differ visibly from the base for black and white too.
+    shade = base // 2 if base.sum() > 200 else base + 110
+    patch = np.where(_texture_mask(obj.texture, side)[..., None], shade, base).astype(np.uint8)
+    img.paste(Image.fromarray(patch), (x0, y0), mask)
+    ys, xs = np.nonzero(np.asarray(mask))
+    return x0 + xs.min(), y0 + ys.min(), x0 + xs.max() + 1, y0 + ys.max() + 1
+
+
+def _negatives(obj: SceneObject, taken: set[str], k: int, rng: np.random.Generator) -> list[str]:
+    """k phrases, each `obj.short_expr` with one attribute changed; none describes a taken one."""
+    cands = []
+    for field, values in (
+        ("colour", COLOURS),
+        ("shape", SHAPES),
+        ("size", SIZES),
+        ("texture", TEXTURES),
+    ):
+        for v in values:
+            if v != getattr(obj, field):
+                alt = SceneObject(**{**obj.__dict__, field: v})
+                if alt.short_expr not in taken:
+                    cands.append(alt.short_expr)
+    pick = rng.choice(len(cands), size=min(k, len(cands)), replace=False)
+    return [cands[i] for i in pick]
+
+
+def _background(rng: np.random.Generator, width: int, height: int) -> tuple[str, Image.Image]:
+    name = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+    # Smooth noise (upsampled coarse noise) gives photo-like JPEG sizes (~50 KB at 500x375).
+    coarse = rng.integers(-40, 41, size=(height // 4 + 1, width // 4 + 1, 3), dtype=np.int16)
+    coarse = np.clip(coarse + np.array(BACKGROUNDS[name], dtype=np.int16), 0, 255)
+    return name, Image.fromarray(coarse.astype(np.uint8)).resize((width, height), Image.BILINEAR)
+
+
+def make_scene(
+    seed: int,
+    split: str,
+    index: int,
+    width: int = 500,
+    height: int = 375,
+    max_objects: int = 5,
+    num_negatives: int = 10,
+    jpeg_quality: int = 90,
+) -> tuple[str, bytes, dict]:
+    """(f_path, JPEG bytes, FineHARD record) of image `index` of `split`."""
+    if split not in _SPLIT_SALT:
+        raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    rng = np.random.default_rng([seed, _SPLIT_SALT[split], index])
+    bg_name, img = _background(rng, width, height)
+    short_side = min(width, height)
+    placed: list[tuple[int, int, int, int]] = []
+    objects: list[SceneObject] = []
+    for _ in range(int(rng.integers(2, max_objects + 1))):
+        attrs = dict(
+            shape=SHAPES[rng.integers(len(SHAPES))],
+            colour=list(COLOURS)[rng.integers(len(COLOURS))],
+            size=list(SIZES)[rng.integers(len(SIZES))],
+            texture=TEXTURES[rng.integers(len(TEXTURES))],
+        )
+        side = max(8, int(SIZES[attrs["size"]] * short_side * rng.uniform(0.9, 1.1)))
+        for _try in range(30):
+            x0 = int(rng.integers(0, width - side + 1))
+            y0 = int(rng.integers(0, height - side + 1))
+            if all(_apart((x0, y0, x0 + side, y0 + side), b) for b in placed):
+                break
+        else:
+            continue  # no free spot: fewer objects in this image
+        pos = _position_word((x0 + side / 2) / width, (y0 + side / 2) / height)
+        obj = SceneObject(**attrs, box=(0.0, 0.0, 0.0, 0.0), position=pos)
+        if any(o.short_expr == obj.short_expr for o in objects):
+            continue  # phrases must identify one object
+        x1, y1, x2, y2 = _draw(img, obj, x0, y0, side)
+        placed.append((x0, y0, x0 + side, y0 + side))
+        box = (x1 / width, y1 / height, x2 / width, y2 / height)
+        objects.append(SceneObject(**{**obj.__dict__, "box": tuple(round(v, 5) for v in box)}))
+
+    taken = {o.short_expr for o in objects}
+    bbox_info = []
+    for obj in objects:
+        has_negs = rng.random() < 0.85
+        negs = _negatives(obj, taken, num_negatives, rng) if has_negs else []
+        bbox = list(obj.box)
+        if rng.random() < 0.5:  # FineHARD boxes sometimes carry a detector score as a 5th value
+            bbox.append(round(float(rng.uniform(0.5, 1.0)), 3))
+        bbox_info.append(
+            {
+                "bbox": bbox,
+                "short_expr": obj.short_expr,
+                "long_expr": obj.long_expr,
+                "flag_short_neg": int(has_negs),
+                "short_expr_negs": {str(i): n for i, n in enumerate(negs)},
+            }
+        )
+    sentences = [_SENTENCES[rng.integers(len(_SENTENCES))].format(**o.__dict__) for o in objects]
+    n = len(objects)
+    caption = f"A {bg_name} background with {_COUNT_WORDS[n]} objects. " + " ".join(sentences)
+    names = [f"a {o.colour} {o.shape}" for o in objects]
+    listed = names[0] if n == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    f_path = f"{split}/{index:08d}.jpg"
+    record = {
+        "f_path": f_path,
+        "caption": caption,
+        "short_caption": f"{listed} on a {bg_name} background",
+        "bbox_info": bbox_info,
+    }
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=jpeg_quality)
+    return f_path, buf.getvalue(), record
