@@ -1,0 +1,436 @@
+"""FGCLIPModel at TP=1 in this process against transformers' CLIPModel and hand computations.
+
+Also holds the reference builders shared by the TP=2 and checkpoint tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from fgclip_mega.config import PRESETS, ModelConfig, ParallelConfig, TextConfig, VisionConfig
+
+EOS = 49407
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def small_config() -> ModelConfig:
+    """Odd token counts (17 image tokens, 77 text tokens) and widths divisible by TP 1, 2, 4."""
+    return ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_width=96),
+        text=TextConfig(width=32, layers=2, heads=4, mlp_width=64),
+        projection_dim=24,
+    )
+
+
+def b16_config() -> ModelConfig:
+    return PRESETS["fgclip_vit_b16"]().model
+
+
+def perturbed_clip(cfg: ModelConfig, seed: int = 0):
+    """A random fp32 transformers CLIPModel (eager attention) whose biases, norms and scale are
+    perturbed away from their 0/1 init so that every mapped tensor matters."""
+    from transformers import CLIPModel
+
+    from fgclip_mega.checkpoint import clip_config
+
+    torch.manual_seed(seed)
+    hf = CLIPModel(clip_config(cfg, attn_implementation="eager")).float()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+        hf.logit_scale.fill_(2.3)
+    return hf.eval()
+
+
+def fgclip_layout(hf, cfg: ModelConfig, seed: int = 1) -> dict[str, torch.Tensor]:
+    """HF state dict plus FG-CLIP extras with values that differ from their derived defaults."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    t, p = cfg.text, cfg.projection_dim
+    emb = "text_model.embeddings"
+    sd[f"{emb}.position_embedding_ori.weight"] = torch.randn(t.long_context, t.width, generator=g)
+    sd[f"{emb}.position_embedding_res.weight"] = torch.randn(t.long_context, t.width, generator=g)
+    sd["text_filip_projection.weight"] = torch.randn(p, t.width, generator=g) * t.width**-0.5
+    sd["logit_scale_finegraind"] = torch.tensor(3.1)
+    sd["logit_scale_hardneg"] = torch.tensor(1.7)
+    return sd
+
+
+def sample_inputs(cfg: ModelConfig, n_images: int, n_texts: int, length: int, seed: int = 2):
+    """Images (B, 3, S, S) and tokens (T, length): a random caption, EOS at a random place,
+    then EOS or 0 padding (both occur in the wild; pooling takes the first EOS)."""
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.vision.image_size
+    images = torch.randn(n_images, 3, s, s, generator=g)
+    tokens = torch.randint(1, EOS - 1, (n_texts, length), generator=g)
+    for i in range(n_texts):
+        end = int(torch.randint(1, length, (1,), generator=g))
+        tokens[i, end] = EOS
+        tokens[i, end + 1 :] = EOS if i % 2 else 0
+    return images, tokens
+
+
+def long_reference(hf, sd: dict[str, torch.Tensor], cfg: ModelConfig):
+    """A CLIPModel with 248 positions whose table is FG-CLIP's per-position choice (ori below
+    the split, res above) and whose text projection is text_filip_projection: the long-text
+    path written with transformers' modules."""
+    from transformers import CLIPModel
+
+    from fgclip_mega.checkpoint import clip_config
+
+    t = cfg.text
+    long_cfg = dataclasses.replace(cfg, text=dataclasses.replace(t, short_context=t.long_context))
+    ref = CLIPModel(clip_config(long_cfg, attn_implementation="eager")).float().eval()
+    emb = "text_model.embeddings"
+    state = {k: v for k, v in sd.items() if k in ref.state_dict()}
+    k = t.long_position_split
+    ori, res = (
+        sd[f"{emb}.position_embedding_ori.weight"],
+        sd[f"{emb}.position_embedding_res.weight"],
+    )
+    state[f"{emb}.position_embedding.weight"] = torch.cat([ori[:k], res[k:]])
+    state["text_projection.weight"] = sd["text_filip_projection.weight"]
+    ref.load_state_dict(state, strict=True)
+    return ref
+
+
+@torch.no_grad()
+def dense_by_hand(hf, images: torch.Tensor) -> torch.Tensor:
+    """FG-CLIP dense features from HF's modules: the last block's input, its value path, then
+    post_layernorm and visual_projection; (B, P, g, g)."""
+    vm = hf.vision_model
+    x = vm.pre_layrnorm(vm.embeddings(images))  # (B, N, D)
+    for layer in vm.encoder.layers[:-1]:
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+    last = vm.encoder.layers[-1]
+    x = x + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(x)))
+    x = x + last.mlp(last.layer_norm2(x))
+    x = hf.visual_projection(vm.post_layernorm(x[:, 1:]))  # (B, g*g, P)
+    g = int(math.isqrt(x.shape[1]))
+    return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
+
+
+def hf_outputs(hf, images, tokens) -> dict[str, torch.Tensor]:
+    out = hf(input_ids=tokens, pixel_values=images)
+    return {
+        "image": hf.get_image_features(pixel_values=images).pooler_output,
+        "text": hf.get_text_features(input_ids=tokens).pooler_output,
+        "logits": out.logits_per_image,
+    }
+
+
+def our_outputs(model, images, tokens) -> dict[str, torch.Tensor]:
+    image, text = model.encode_image(images), model.encode_text(tokens)
+    logits = (image / image.norm(dim=-1, keepdim=True)) @ (text / text.norm(dim=-1, keepdim=True)).T
+    return {"image": image, "text": text, "logits": logits * model.logit_scale.exp()}
+
+
+def probe_loss(out: dict[str, torch.Tensor], seed: int = 3) -> torch.Tensor:
+    """A scalar that depends on every output with random weights (same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    return sum((v * torch.randn(v.shape, generator=g)).sum() for _, v in sorted(out.items()))
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelConfig, source=None, seed: int = 5):
+    from fgclip_mega.checkpoint import import_hf_state_dict
+    from fgclip_mega.models import FGCLIPModel
+
+    torch.manual_seed(seed)
+    model = FGCLIPModel(cfg, parallel)
+    if source is not None:
+        import_hf_state_dict(model, source)
+    return model
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def grad_errors(model, hf) -> dict[str, float]:
+    """Per HF key: max |exported grad - HF grad| / max(1, max |HF grad|)."""
+    from fgclip_mega.checkpoint import export_hf_state_dict
+
+    ours = export_hf_state_dict(model, layout="clip", grads=True)
+    errs = {}
+    for name, p in hf.named_parameters():
+        ref = p.grad if p.grad is not None else torch.zeros_like(p)
+        errs[name] = max_err(ours[name], ref) / max(1.0, ref.abs().max().item())
+    return errs
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A world of one with megatron's groups (TP=1) in this process."""
+    import torch.distributed as dist
+
+    from fgclip_mega.parallel import destroy_parallel, init_parallel
+
+    started_here = not dist.is_initialized()
+    yield init_parallel(ParallelConfig(), seed=0)
+    if started_here:
+        destroy_parallel()
+
+
+def _parity(cfg: ModelConfig, n_images: int, n_texts: int, check_grads: bool) -> None:
+    hf = perturbed_clip(cfg)
+    model = build_model(cfg, ParallelConfig(), hf)
+    images, tokens = sample_inputs(cfg, n_images, n_texts, cfg.text.short_context)
+    px_ref, px = images.clone().requires_grad_(), images.clone().requires_grad_()
+    ref, ours = hf_outputs(hf, px_ref, tokens), our_outputs(model, px, tokens)
+    for key in ("image", "text", "logits"):
+        assert ours[key].shape == ref[key].shape
+        assert max_err(ours[key], ref[key]) < 1e-5, (key, max_err(ours[key], ref[key]))
+    if not check_grads:
+        return
+    probe_loss(ref).backward()
+    probe_loss(ours).backward()
+    assert max_err(px.grad, px_ref.grad) < 1e-5 * max(1.0, px_ref.grad.abs().max().item())
+    errs = grad_errors(model, hf)
+    assert max(errs.values()) < 1e-5, sorted(errs.items(), key=lambda kv: -kv[1])[:5]
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_parity_with_transformers_small(world):
+    _parity(small_config(), n_images=3, n_texts=4, check_grads=True)
+
+
+@pytest.mark.slow
+def test_parity_with_transformers_vit_b16(world):
+    _parity(b16_config(), n_images=2, n_texts=2, check_grads=True)
+
+
+def test_long_text_matches_transformers_with_the_split_table(world):
+    cfg = small_config()
+    hf = perturbed_clip(cfg)
+    sd = fgclip_layout(hf, cfg)
+    model, ref = build_model(cfg, ParallelConfig(), sd), long_reference(hf, sd, cfg)
+    _, tokens = sample_inputs(cfg, 1, 4, cfg.text.long_context, seed=7)
+    with torch.no_grad():
+        ours, want = (
+            model.encode_text(tokens, long=True),
+            ref.get_text_features(tokens).pooler_output,
+        )
+    assert max_err(ours, want) < 1e-5
+
+
+@torch.no_grad()
+def test_long_positions_read_ori_below_split_and_res_above(world):
+    cfg = small_config()
+    hf = perturbed_clip(cfg)
+    model = build_model(cfg, ParallelConfig(), fgclip_layout(hf, cfg))
+    _, short = sample_inputs(cfg, 1, 2, cfg.text.short_context, seed=8)
+    long = torch.randint(1, EOS - 1, (2, cfg.text.long_context))
+    long[:, -1] = EOS  # pooled at the last position: every position can influence it
+    base_long, base_short = model.encode_text(long, long=True), model.encode_text(short)
+    text = model.text
+    split = cfg.text.long_position_split
+    changed = {}
+    for table in ("position_embedding_ori", "position_embedding_res"):
+        for row in (split - 1, split):
+            weight = getattr(text, table)
+            saved = weight[row].clone()
+            # Not a constant shift: LayerNorm would remove that.
+            weight[row] += torch.linspace(-1.0, 1.0, weight.shape[1])
+            changed[table, row] = (
+                max_err(model.encode_text(long, long=True), base_long) > 1e-4,
+                max_err(model.encode_text(short), base_short) > 0,
+            )
+            weight[row] = saved
+    assert changed == {
+        ("position_embedding_ori", split - 1): (True, False),
+        ("position_embedding_ori", split): (False, False),
+        ("position_embedding_res", split - 1): (False, False),
+        ("position_embedding_res", split): (True, False),
+    }
+    # The long path projects with text_filip_projection, the short one with text_projection.
+    model.text_filip_projection.weight += 0.1
+    assert max_err(model.encode_text(long, long=True), base_long) > 1e-4
+    assert max_err(model.encode_text(short), base_short) == 0
+
+
+@torch.no_grad()
+def test_long_caption_differs_from_its_77_token_truncation(world):
+    cfg = small_config()
+    model = build_model(cfg, ParallelConfig(), fgclip_layout(perturbed_clip(cfg), cfg))
+    long = torch.randint(1, EOS - 1, (2, cfg.text.long_context))
+    long[:, 200] = EOS
+    cut = long[:, : cfg.text.short_context].clone()
+    cut[:, -1] = EOS  # as the tokenizer truncates: the caption ends with EOS at 76
+    full, short = model.encode_text(long, long=True), model.encode_text(cut, long=True)
+    assert max_err(full, short) > 1e-3
+    # Tokens after the first EOS do not matter (causal attention, pooling at the first EOS).
+    noisy = long.clone()
+    noisy[:, 201:] = torch.randint(1, EOS - 1, (2, cfg.text.long_context - 201))
+    assert max_err(model.encode_text(noisy, long=True), full) < 1e-6
+
+
+def test_stretched_position_tables_follow_the_formula(world):
+    from fgclip_mega.models import stretch_positions
+
+    old = torch.randn(77, 8, dtype=torch.float64)
+    want = torch.empty(248, 8, dtype=torch.float64)
+    want[:20] = old[:20]
+    for i in range(56):  # i = 55 writes rows 240..243 from old[75] and old[76]
+        for k in range(4):
+            want[20 + 4 * i + k] = (1 - k / 4) * old[20 + i] + (k / 4) * old[21 + i]
+    for k in range(4):
+        want[244 + k] = old[76] + k * (old[76] - old[75]) / 4
+    torch.testing.assert_close(stretch_positions(old, 20, 248), want, atol=1e-15, rtol=0)
+    with pytest.raises(ValueError, match="not a multiple"):
+        stretch_positions(old, 20, 250)
+
+    # A fresh model and a plain-CLIP import both start from the stretched 77-row table.
+    cfg = small_config()
+    model = build_model(cfg, ParallelConfig())
+    fresh = stretch_positions(model.text.position_embedding.detach(), 20, 248)
+    assert torch.equal(model.text.position_embedding_ori, fresh)
+    assert torch.equal(model.text.position_embedding_res, fresh)
+    hf = perturbed_clip(cfg)
+    model = build_model(cfg, ParallelConfig(), hf)
+    imported = stretch_positions(hf.text_model.embeddings.position_embedding.weight, 20, 248)
+    assert torch.equal(model.text.position_embedding_ori, imported)
+    assert torch.equal(model.text.position_embedding_res, imported)
+    assert torch.equal(model.text_filip_projection.weight, hf.text_projection.weight)
+    assert model.logit_scale_hardneg.item() == model.logit_scale.item() == pytest.approx(2.3)
+
+
+@torch.no_grad()
+def test_dense_features_and_region_pooling_match_value_path_by_hand(world):
+    cfg = small_config()
+    hf = perturbed_clip(cfg)
+    model = build_model(cfg, ParallelConfig(), hf)
+    images, _ = sample_inputs(cfg, 2, 1, 8)
+    emb, dense = model.encode_image(images, with_dense=True)
+    want = dense_by_hand(hf, images)
+    g = cfg.vision.grid_size
+    assert dense.shape == (2, cfg.projection_dim, g, g)
+    assert max_err(dense, want) < 1e-5
+    assert max_err(emb, model.encode_image(images)) == 0
+    assert max_err(model.dense_features(images), dense) == 0
+
+    # One 1x1-cell box per cell (i, j): pooled == that cell; image 1 has two boxes, image 0 one.
+    cells = [(0, 1, 2), (1, 3, 0), (1, 2, 3)]  # (image, row i, col j)
+    boxes = torch.zeros(2, 2, 4)
+    slot = [0, 0]
+    for b, i, j in cells:
+        boxes[b, slot[b]] = torch.tensor([j / g, i / g, (j + 1) / g, (i + 1) / g])
+        slot[b] += 1
+    pooled = model.region_embeddings(dense, boxes, torch.tensor(slot))
+    assert pooled.shape == (3, cfg.projection_dim)
+    for r, (b, i, j) in enumerate(cells):
+        assert max_err(pooled[r], want[b, :, i, j]) < 1e-5
+    # A box over a 2x2 block of cells averages them (bilinear samples at the cell centres).
+    block = torch.tensor([[[0.0, 0.0, 2 / g, 2 / g]], [[0.0, 0.0, 1.0, 1.0]]])
+    pooled = model.region_embeddings(dense, block, torch.tensor([1, 0]))
+    assert pooled.shape == (1, cfg.projection_dim)
+    assert max_err(pooled[0], want[0, :, :2, :2].mean(dim=(1, 2))) < 1e-5
+    with pytest.raises(ValueError, match="counts"):
+        model.region_embeddings(dense, block, torch.tensor([2, 0]))
+
+
+def test_region_embeddings_backpropagate_to_the_image_tower(world):
+    cfg = small_config()
+    model = build_model(cfg, ParallelConfig())
+    images, _ = sample_inputs(cfg, 1, 1, 8)
+    _, dense = model.encode_image(images, with_dense=True)
+    boxes = torch.tensor([[[0.1, 0.2, 0.7, 0.9]]])
+    model.region_embeddings(dense, boxes, torch.tensor([1])).sum().backward()
+    last = model.vision.transformer.blocks[-1]
+    assert last.mlp.fc1.weight.grad.abs().sum() > 0
+    assert model.vision.patch_embed.weight.grad.abs().sum() > 0
+
+
+def test_activation_checkpointing_gives_identical_outputs_and_grads(world):
+    cfg = small_config()
+    hf = perturbed_clip(cfg)
+    images, tokens = sample_inputs(cfg, 2, 3, cfg.text.short_context)
+    runs = []
+    for ckpt in (False, True):
+        model = build_model(cfg, ParallelConfig(activation_checkpointing=ckpt), hf)
+        out = our_outputs(model, images, tokens)
+        _, out["dense"] = model.encode_image(images, with_dense=True)
+        probe_loss(out).backward()
+        runs.append(
+            (out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        )
+    (out0, g0), (out1, g1) = runs
+    assert g0.keys() == g1.keys() and len(g0) > 40
+    for key in out0:
+        assert max_err(out0[key], out1[key]) == 0, key
+    for name in g0:
+        # Recompute changes only the order in which grad contributions are summed.
+        assert max_err(g0[name], g1[name]) < 1e-6 * max(1.0, g0[name].abs().max().item()), name
+
+
+def test_parameter_counts_match_transformers_for_every_preset():
+    from transformers import CLIPModel
+
+    from fgclip_mega.checkpoint import clip_config
+    from fgclip_mega.models import count_parameters
+
+    for name, make in PRESETS.items():
+        cfg = make().model
+        with torch.device("meta"):
+            hf = CLIPModel(clip_config(cfg))
+        counts = count_parameters(cfg)
+        assert counts["clip"] == sum(p.numel() for p in hf.parameters()), name
+        t = cfg.text
+        extras = 2 * t.long_context * t.width + t.width * cfg.projection_dim + 2
+        assert counts["total"] == counts["clip"] + extras, name
+
+
+def test_parameter_count_matches_the_built_model_and_groups_cover_it(world):
+    from fgclip_mega.models import count_parameters
+
+    cfg = PRESETS["tiny"]().model
+    model = build_model(cfg, ParallelConfig())
+    params = list(model.parameters())
+    assert sum(p.numel() for p in params) == count_parameters(cfg)["total"]
+    groups = model.param_groups(weight_decay=0.1)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in params)
+    decay = {id(p) for p in groups[0]["params"]}
+    assert id(model.vision.transformer.blocks[0].attn.qkv.weight) in decay
+    for p in (
+        model.logit_scale,
+        model.text.token_embedding.weight,
+        model.vision.pre_norm.weight,
+        model.vision.transformer.blocks[0].mlp.fc2.bias,
+        model.text.position_embedding,
+    ):
+        assert id(p) not in decay
+
+
+def test_stage2_scales_start_from_the_global_one(world):
+    model = build_model(small_config(), ParallelConfig())
+    with torch.no_grad():
+        model.logit_scale.fill_(math.log(100))
+    model.init_stage2_scales()
+    assert model.logit_scale_finegraind.item() == pytest.approx(math.log(100))
+    assert model.logit_scale_hardneg.item() == pytest.approx(math.log(100))
+    model.init_stage2_scales(1.5)
+    assert model.logit_scale_hardneg.item() == 1.5 and model.logit_scale.requires_grad
+
+
+def test_bad_inputs_are_named(world):
+    cfg = small_config()
+    model = build_model(cfg, ParallelConfig())
+    with pytest.raises(ValueError, match=r"images must be \(B, 3, 32, 32\)"):
+        model.encode_image(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="short text has 78 tokens"):
+        model.encode_text(torch.zeros(1, 78, dtype=torch.long))
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        build_model(cfg, ParallelConfig(tensor_parallel_size=2))
