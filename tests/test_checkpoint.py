@@ -1,0 +1,158 @@
+"""HF / FG-CLIP checkpoint import and export at TP=1 (TP=2/4 round trips: test_model_tp2.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fgclip_mega.config import ParallelConfig
+from tests.test_model import build_model, fgclip_layout, perturbed_clip, small_config, world
+
+__all__ = ["world"]  # the fixture, re-exported for pytest
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Keys that differ in presence, shape, dtype or any bit."""
+    bad = sorted(set(a) ^ set(b))
+    for k in set(a) & set(b):
+        if a[k].shape != b[k].shape or a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k]):
+            bad.append(k)
+    return bad
+
+
+def test_fgclip_layout_round_trips_bitwise(world):
+    from fgclip_mega.checkpoint import export_hf_state_dict, import_hf_state_dict
+
+    cfg = small_config()
+    sd = fgclip_layout(perturbed_clip(cfg), cfg)
+    model = build_model(cfg, ParallelConfig())
+    assert import_hf_state_dict(model, sd) == {"derived": []}
+    assert _equal(export_hf_state_dict(model), sd) == []
+
+
+def test_plain_clip_round_trips_and_gains_derived_extras(world):
+    from fgclip_mega.checkpoint import export_hf_state_dict, import_hf_state_dict
+
+    cfg = small_config()
+    hf = perturbed_clip(cfg)
+    sd = dict(hf.state_dict())
+    model = build_model(cfg, ParallelConfig())
+    report = import_hf_state_dict(model, hf)  # a module is accepted too
+    assert sorted(report["derived"]) == sorted(
+        [
+            "text_model.embeddings.position_embedding_ori.weight",
+            "text_model.embeddings.position_embedding_res.weight",
+            "text_filip_projection.weight",
+            "logit_scale_finegraind",
+            "logit_scale_hardneg",
+        ]
+    )
+    assert _equal(export_hf_state_dict(model, layout="clip"), sd) == []
+    full = export_hf_state_dict(model)
+    assert torch.equal(full["text_filip_projection.weight"], sd["text_projection.weight"])
+    assert torch.equal(full["logit_scale_hardneg"], sd["logit_scale"])
+    # The "clip" export loads strictly into transformers' CLIPModel.
+    fresh = perturbed_clip(cfg, seed=9)
+    fresh.load_state_dict(export_hf_state_dict(model, layout="clip"), strict=True)
+
+
+def test_files_safetensors_torch_directory_and_sharded_index(world, tmp_path):
+    from fgclip_mega.checkpoint import (
+        export_hf_state_dict,
+        import_hf_state_dict,
+        load_state_dict,
+        save_state_dict,
+    )
+
+    cfg = small_config()
+    sd = fgclip_layout(perturbed_clip(cfg), cfg)
+    save_state_dict(sd, tmp_path / "a" / "model.safetensors")
+    save_state_dict(sd, tmp_path / "b.bin")
+    keys = sorted(sd)
+    half = len(keys) // 2
+    shards = {"s1.safetensors": keys[:half], "s2.safetensors": keys[half:]}
+    for name, part in shards.items():
+        save_state_dict({k: sd[k] for k in part}, tmp_path / "c" / name)
+    index = {"weight_map": {k: name for name, part in shards.items() for k in part}}
+    (tmp_path / "c" / "model.safetensors.index.json").write_text(json.dumps(index))
+    for source in (
+        tmp_path / "a",
+        tmp_path / "a" / "model.safetensors",
+        tmp_path / "b.bin",
+        tmp_path / "c",
+    ):
+        assert _equal(load_state_dict(source), sd) == [], source
+        model = build_model(cfg, ParallelConfig())
+        import_hf_state_dict(model, source)
+        assert _equal(export_hf_state_dict(model), sd) == [], source
+    with pytest.raises(FileNotFoundError, match="no model.safetensors"):
+        load_state_dict(tmp_path)
+
+
+def test_position_id_buffers_are_ignored(world):
+    from fgclip_mega.checkpoint import import_hf_state_dict
+
+    cfg = small_config()
+    sd = dict(perturbed_clip(cfg).state_dict())
+    sd["text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd["vision_model.embeddings.position_ids"] = torch.arange(17)[None]
+    import_hf_state_dict(build_model(cfg, ParallelConfig()), sd)
+
+
+def test_mismatched_checkpoints_name_the_key(world):
+    from fgclip_mega.checkpoint import CheckpointError, import_hf_state_dict
+
+    cfg = small_config()
+    sd = dict(perturbed_clip(cfg).state_dict())
+    model = build_model(cfg, ParallelConfig())
+
+    missing = {k: v for k, v in sd.items() if k != "text_model.encoder.layers.1.mlp.fc2.bias"}
+    with pytest.raises(CheckpointError, match=r"missing .*text_model\.encoder\.layers\.1\.mlp"):
+        import_hf_state_dict(model, missing)
+
+    extra = {**sd, "vision_model.encoder.layers.2.layer_norm1.weight": torch.ones(48)}
+    with pytest.raises(CheckpointError, match=r"unexpected .*vision_model\.encoder\.layers\.2"):
+        import_hf_state_dict(model, extra)
+
+    bad = dict(sd)
+    bad["vision_model.encoder.layers.0.self_attn.k_proj.weight"] = torch.zeros(48, 40)
+    with pytest.raises(
+        CheckpointError,
+        match=r"layers\.0\.self_attn\.k_proj\.weight: checkpoint "
+        r"shape \(48, 40\).* expects \(48, 48\)",
+    ):
+        import_hf_state_dict(model, bad)
+
+    # A ViT-B/16 checkpoint into the small model: the first mismatching key is named.
+    from tests.test_model import b16_config
+
+    with torch.device("meta"):
+        from transformers import CLIPModel
+
+        from fgclip_mega.checkpoint import clip_config
+
+        b16 = CLIPModel(clip_config(b16_config())).state_dict()
+    b16 = {
+        k: torch.zeros(v.shape)
+        for k, v in b16.items()
+        if "layers." not in k or any(f"layers.{i}." in k for i in (0, 1))
+    }
+    with pytest.raises(
+        CheckpointError, match=r"class_embedding: checkpoint shape \(768,\).*expects \(48,\)"
+    ):
+        import_hf_state_dict(model, b16)
+
+    # A long table of the wrong length is a shape error on its own key.
+    long = fgclip_layout(perturbed_clip(cfg), cfg)
+    long["text_model.embeddings.position_embedding_res.weight"] = torch.zeros(200, 32)
+    with pytest.raises(CheckpointError, match=r"position_embedding_res\.weight: checkpoint shape"):
+        import_hf_state_dict(model, long)
+
+
+def test_export_layout_is_checked(world):
+    from fgclip_mega.checkpoint import export_hf_state_dict
+
+    with pytest.raises(ValueError, match="layout"):
+        export_hf_state_dict(build_model(small_config(), ParallelConfig()), layout="openclip")
