@@ -1,0 +1,74 @@
+"""Training log lines with rate and ETA, a JSONL metrics file, and a PNG of the loss curves."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+log = logging.getLogger("fgclip_mega.train")
+
+
+class MetricsLogger:
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool):
+        self.total_steps = total_steps
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.records: list[dict] = []
+        self._t0 = time.perf_counter()
+        self._last_t = self._t0
+        self._last_samples = 0
+        self._samples = 0
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add_samples(self, n: int) -> None:
+        self._samples += n
+
+    def log(self, step: int, values: dict[str, float], first_step: int = 0) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        rate = (self._samples - self._last_samples) / max(now - self._last_t, 1e-9)
+        done = step - first_step
+        per_step = (now - self._t0) / max(done, 1)
+        eta = per_step * (self.total_steps - step)
+        record = {"step": step, **values, "samples_per_s": rate, "elapsed_s": now - self._t0}
+        self.records.append(record)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        parts = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "lr")
+        log.info(
+            "step %d/%d %s lr=%.2e | %.1f samples/s | %.2f s/step | ETA %s",
+            step, self.total_steps, parts, values.get("lr", 0.0), rate, per_step,
+            time.strftime("%H:%M:%S", time.gmtime(max(eta, 0))),
+        )
+        self._last_t, self._last_samples = now, self._samples
+
+    def plot(self, path: Path | None = None) -> Path | None:
+        if not self.enabled or not self.records:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        path = Path(path or self.path.with_name("loss.png"))
+        keys = [k for k in self.records[0] if k.startswith("loss")]
+        steps = [r["step"] for r in self.records]
+        fig, (ax, ax_rate) = plt.subplots(1, 2, figsize=(11, 4))
+        for key in keys:
+            ax.plot(steps, [r.get(key, float("nan")) for r in self.records], label=key)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_title("FG-CLIP training losses")
+        ax.legend()
+        ax_rate.plot(steps, [r["samples_per_s"] for r in self.records])
+        ax_rate.set_xlabel("step")
+        ax_rate.set_ylabel("samples/s")
+        ax_rate.set_title("throughput")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
