@@ -7,7 +7,7 @@ list of negative phrases, used when the flag is 1).
 
 Validation never raises past the caller for bad data: a broken record raises `BadRecord` (the
 record is skipped), a broken box is dropped from its record and reported as a `Problem`, and a
-missing or undecodable image raises `BadRecord` from `load_image`. Every problem names the key
+missing or undecodable image raises `BadImage` from `load_image`. Every problem names the key
 (or the JSON source line) so a report can list each culprit.
 """
 
@@ -27,7 +27,11 @@ BOX_TOLERANCE = 1e-3
 
 
 class BadRecord(ValueError):
-    """The record (or its image) cannot be used; the message is the reason."""
+    """The record cannot be used; the message is the reason (category before the first ':')."""
+
+
+class BadImage(BadRecord):
+    """The record's image is missing, unreadable or undecodable."""
 
 
 @dataclass
@@ -172,7 +176,7 @@ def parse_record(
 
 
 def load_image(path: str, max_side: int | None = None, quality: int = 90) -> tuple[bytes, int, int]:
-    """(JPEG bytes, width, height) of a fully decodable image; raises BadRecord otherwise.
+    """(JPEG bytes, width, height) of a fully decodable image; raises BadImage otherwise.
 
     The original bytes are kept when they already are an RGB/grey JPEG without an EXIF rotation
     and within `max_side`; anything else (PNG, CMYK, rotated, too large) is re-encoded as an RGB
@@ -184,16 +188,16 @@ def load_image(path: str, max_side: int | None = None, quality: int = 90) -> tup
         with open(path, "rb") as fh:
             data = fh.read()
     except FileNotFoundError:
-        raise BadRecord(f"missing image file {path}") from None
+        raise BadImage(f"missing image file: {path}") from None
     except OSError as e:
-        raise BadRecord(f"unreadable image file {path}: {e}") from None
+        raise BadImage(f"unreadable image file: {path}: {e}") from None
     if not data:
-        raise BadRecord(f"empty image file {path}")
+        raise BadImage(f"empty image file: {path}")
     try:
         img = Image.open(io.BytesIO(data))
         img.load()  # full decode: truncated or corrupt data fails here, not in the loader
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        raise BadRecord(f"undecodable image {path}: {type(e).__name__}: {e}") from None
+        raise BadImage(f"undecodable image: {path}: {type(e).__name__}: {e}") from None
     orientation = img.getexif().get(0x0112, 1)
     too_big = max_side is not None and max(img.size) > max_side
     if img.format == "JPEG" and img.mode in ("RGB", "L") and orientation == 1 and not too_big:
