@@ -434,3 +434,38 @@ def test_bad_inputs_are_named(world):
         model.encode_text(torch.zeros(1, 78, dtype=torch.long))
     with pytest.raises(ValueError, match="tensor_parallel_size=2"):
         build_model(cfg, ParallelConfig(tensor_parallel_size=2))
+
+
+def test_build_logs_the_attention_backend(world, caplog):
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="fgclip_mega.models.fgclip"):
+        model = build_model(small_config(), ParallelConfig())
+    # fp32 compute: SDPA even on CUDA (flash-attn takes fp16/bf16 only).
+    assert model.attention_backend == "sdpa"
+    assert "attention backend: sdpa (requested auto" in caplog.text
+
+
+@pytest.mark.gpu
+def test_flash_attention_model_matches_sdpa_on_cuda(world):
+    from fgclip_mega.checkpoint import import_hf_state_dict
+    from fgclip_mega.models import FGCLIPModel
+
+    cfg = small_config()
+    hf = perturbed_clip(cfg)
+    images, tokens = sample_inputs(cfg, 2, 3, cfg.text.short_context)
+    images, tokens = images.cuda(), tokens.cuda()
+    outs = {}
+    for backend in ("flash", "sdpa"):
+        model = FGCLIPModel(
+            dataclasses.replace(cfg, attention_backend=backend),
+            ParallelConfig(),
+            compute_dtype=torch.bfloat16,
+        )
+        import_hf_state_dict(model, hf)
+        assert model.attention_backend == backend
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            outs[backend] = our_outputs(model, images, tokens)
+    for key in ("image", "text"):
+        a, b = outs["flash"][key].float(), outs["sdpa"][key].float()
+        assert max_err(a, b) < 3e-2 * b.abs().max().item(), key

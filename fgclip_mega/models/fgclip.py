@@ -19,7 +19,7 @@ from torch import nn
 from fgclip_mega.config import ModelConfig, ParallelConfig
 from fgclip_mega.models.attention import resolve_backend
 from fgclip_mega.models.layers import normal_init
-from fgclip_mega.models.regions import boxes_to_rois, roi_align_1x1
+from fgclip_mega.models.regions import pool_regions
 from fgclip_mega.models.text import TextTower
 from fgclip_mega.models.vision import VisionTower
 
@@ -146,8 +146,7 @@ class FGCLIPModel(nn.Module):
     ) -> torch.Tensor:
         """dense (B, P, g, g); boxes (B, K, 4) normalised xyxy, padded; counts (B,) valid boxes
         -> (sum counts, P) fp32, RoIAlign-pooled, ordered image by image."""
-        h, w = dense.shape[-2:]
-        return roi_align_1x1(dense, boxes_to_rois(boxes, counts, h, w))
+        return pool_regions(dense, boxes, counts)
 
     def forward(
         self,

@@ -1,7 +1,8 @@
-"""Region pooling of the dense feature map: one function, so the RoIAlign kernel can be swapped.
+"""Region pooling of the dense feature map: the one place the model calls RoIAlign.
 
-`kernels/roi_align/` (torch.ops.fgclip.roi_align) did not exist when this was written; this uses
-torchvision.ops.roi_align with FG-CLIP's settings (1x1 output, adaptive sampling, aligned).
+It uses `kernels.roi_align.pool_boxes` (FG-CLIP's settings: boxes scaled to the grid, 1x1
+output, adaptive sampling, aligned=True), which runs torch.ops.fgclip.roi_align when the
+extension is built (`bash run/build_ext.sh`) and its pure-PyTorch reference otherwise.
 """
 
 from __future__ import annotations
@@ -9,29 +10,14 @@ from __future__ import annotations
 import torch
 
 
-def roi_align_1x1(features: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-    """features (B, C, h, w); rois (K, 5) = (batch index, x1, y1, x2, y2) in grid cells ->
-    (K, C) fp32, the RoIAlign average over each box (sampling_ratio=-1, aligned=True)."""
-    from torchvision.ops import roi_align
+def pool_regions(dense: torch.Tensor, boxes: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """dense (B, C, h, w); boxes (B, K, 4) normalised xyxy, padded; counts (B,) valid boxes
+    per image -> (sum counts, C) fp32, ordered image by image."""
+    from kernels.roi_align import pool_boxes
 
-    out = roi_align(
-        features.float(),
-        rois.float(),
-        output_size=(1, 1),
-        spatial_scale=1.0,
-        sampling_ratio=-1,
-        aligned=True,
-    )  # (K, C, 1, 1)
-    return out[:, :, 0, 0]
-
-
-def boxes_to_rois(boxes: torch.Tensor, counts: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """boxes (B, K, 4) normalised xyxy in [0, 1], padded; counts (B,) valid boxes per image ->
-    (sum counts, 5) RoIs in grid cells, ordered image by image."""
     b, k = boxes.shape[:2]
-    if counts.shape != (b,) or (b and int(counts.max()) > k) or (b and int(counts.min()) < 0):
-        raise ValueError(f"counts {tuple(counts.shape)} must be (B,)={b} with values in [0, K={k}]")
-    valid = torch.arange(k, device=boxes.device)[None, :] < counts[:, None].to(boxes.device)
-    scale = boxes.new_tensor([w, h, w, h])
-    index = torch.arange(b, device=boxes.device, dtype=boxes.dtype)[:, None].expand(b, k)
-    return torch.cat([index[valid][:, None], boxes[valid] * scale], dim=1)
+    if boxes.dim() != 3 or boxes.shape[-1] != 4 or b != dense.shape[0]:
+        raise ValueError(f"boxes must be (B={dense.shape[0]}, K, 4), got {tuple(boxes.shape)}")
+    if counts.shape != (b,) or (b and not 0 <= int(counts.min()) <= int(counts.max()) <= k):
+        raise ValueError(f"counts must be (B,)=({b},) with values in [0, K={k}], got {counts}")
+    return pool_boxes(dense.float(), boxes.float(), counts)
