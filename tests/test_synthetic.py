@@ -1,0 +1,80 @@
+"""Synthetic fine-grained scenes: determinism, captions, boxes on the drawn pixels, negatives."""
+
+import io
+import json
+
+import numpy as np
+from PIL import Image
+
+from data_prep.synthetic import generate, parse_args
+from fgclip_mega.data.ingest import parse_record
+from fgclip_mega.data.synthetic import COLOURS, SHAPES, SIZES, TEXTURES, make_scene
+
+ATTRS = {"size": SIZES, "colour": COLOURS, "texture": TEXTURES, "shape": SHAPES}
+
+
+def _attrs(short_expr: str) -> dict:
+    """'a large red striped circle' -> its four attributes (each attribute is one word)."""
+    _, size, colour, texture, shape = short_expr.split(" ")
+    out = {"size": size, "colour": colour, "texture": texture, "shape": shape}
+    assert all(out[k] in ATTRS[k] for k in out), short_expr
+    return out
+
+
+def test_deterministic_and_seed_dependent():
+    a = make_scene(7, "train", 3)
+    assert make_scene(7, "train", 3) == a
+    assert make_scene(8, "train", 3)[1] != a[1] and make_scene(7, "val", 3)[1] != a[1]
+
+
+def test_records_are_valid_finehard_and_describe_the_image():
+    n_boxes = n_flagged = 0
+    for i in range(40):
+        f_path, jpeg, rec = make_scene(1, "train", i, 200, 150)
+        assert f_path == rec["f_path"] == f"train/{i:08d}.jpg"
+        sample, _, problems = parse_record(json.loads(json.dumps(rec)))
+        assert not problems and len(sample.boxes) == len(rec["bbox_info"]) >= 1
+        img = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=int)
+        assert img.shape == (150, 200, 3)
+        exprs = [b["short_expr"] for b in rec["bbox_info"]]
+        assert len(set(exprs)) == len(exprs)
+        for box in rec["bbox_info"]:
+            n_boxes += 1
+            attrs = _attrs(box["short_expr"])
+            # The long caption and long_expr mention every attribute of every object.
+            for word in attrs.values():
+                assert word in box["long_expr"] and word in rec["caption"]
+            assert f"a {attrs['colour']} {attrs['shape']}" in rec["short_caption"]
+            # The object's colour is on the pixels at the box centre (shapes are convex around
+            # it; textured ones show the base colour or its shade).
+            x1, y1, x2, y2 = np.array(box["bbox"][:4]) * [200, 150, 200, 150]
+            cx, cy = int((x1 + x2) / 2), int((y1 + y2) / 2)
+            patch = img[cy - 1 : cy + 2, cx - 1 : cx + 2].reshape(-1, 3)
+            base = np.array(COLOURS[attrs["colour"]])
+            shade = base // 2 if base.sum() > 200 else base + 110
+            dist = np.minimum(np.abs(patch - base).max(1), np.abs(patch - shade).max(1))
+            assert dist.min() <= 40, (box, patch)
+            if box["flag_short_neg"]:
+                n_flagged += 1
+                negs = list(box["short_expr_negs"].values())
+                assert len(negs) == len(set(negs)) == 10
+                for neg in negs:  # exactly one attribute changed, never another object
+                    changed = [k for k, v in _attrs(neg).items() if v != attrs[k]]
+                    assert len(changed) == 1 and neg not in exprs
+            else:
+                assert box["short_expr_negs"] == {}
+    assert 0.7 * n_boxes <= n_flagged < n_boxes
+
+
+def test_cli_writes_splits(tmp_path):
+    args = parse_args(["--out", str(tmp_path), "--num-train", "12", "--num-val", "3",
+                       "--num-test", "2", "--workers", "2", "--width", "120", "--height", "90",
+                       "--no-progress"])  # fmt: skip
+    assert generate(args) == {"train": 12, "val": 3, "test": 2}
+    for split, n in (("train", 12), ("val", 3), ("test", 2)):
+        lines = (tmp_path / f"{split}.jsonl").read_text().splitlines()
+        assert len(lines) == n
+        for i, line in enumerate(lines):
+            f_path, jpeg, rec = make_scene(0, split, i, 120, 90)
+            assert json.loads(line) == rec  # identical to the in-process generator
+            assert (tmp_path / "images" / f_path).read_bytes() == jpeg
