@@ -6,6 +6,8 @@ run in ONE spawned group (process start is ~8 s) and return named errors that ar
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -87,6 +89,13 @@ def _tp_checks(tp: int, full: bool) -> dict:
         res["shape_error"] = "no error"
     except CheckpointError as e:
         res["shape_error"] = str(e)
+    try:
+        build_model(
+            dataclasses.replace(cfg, projection_dim=25), ParallelConfig(tensor_parallel_size=tp)
+        )
+        res["divisible_error"] = "no error"
+    except ValueError as e:
+        res["divisible_error"] = str(e)
     if not full:
         return res
 
@@ -148,6 +157,9 @@ def _check(results: list[dict], tp: int, full: bool) -> None:
         assert (
             "text_model.encoder.layers.0.mlp.fc1.weight: checkpoint shape (64, 30)"
             in (r["shape_error"])
+        )
+        assert (
+            r["divisible_error"] == f"model.projection_dim=25 is not divisible by the TP size {tp}"
         )
         if not full:
             continue

@@ -66,6 +66,16 @@ class FGCLIPModel(nn.Module):
                 f"parallel.tensor_parallel_size={parallel.tensor_parallel_size} but "
                 f"the TP group has {tp} ranks"
             )
+        for name, value in (
+            ("model.vision.heads", cfg.vision.heads),
+            ("model.vision.mlp_width", cfg.vision.mlp_width),
+            ("model.text.heads", cfg.text.heads),
+            ("model.text.mlp_width", cfg.text.mlp_width),
+            ("model.text.vocab_size", cfg.text.vocab_size),
+            ("model.projection_dim", cfg.projection_dim),
+        ):
+            if value % tp:
+                raise ValueError(f"{name}={value} is not divisible by the TP size {tp}")
         if device is None:
             device = (
                 torch.device("cuda", torch.cuda.current_device())
