@@ -123,6 +123,17 @@ class FGCLIPModel(nn.Module):
         self.logit_scale = nn.Parameter(scale.clone())  # global image-text
         self.logit_scale_finegraind = nn.Parameter(scale.clone())  # regions (FG-CLIP's spelling)
         self.logit_scale_hardneg = nn.Parameter(scale.clone())  # hard negatives
+        # As in CLIP: no weight decay on embeddings and position tables either (the optimizer in
+        # fgclip_mega/parallel/wrap.py also skips every param of < 2 dims: norms, biases, scales).
+        for p in (
+            self.vision.class_embedding,
+            self.vision.position_embedding,
+            self.text.position_embedding,
+            self.text.position_embedding_ori,
+            self.text.position_embedding_res,
+            self.text.token_embedding.weight,
+        ):
+            p.no_weight_decay = True
         self.to(device)
 
     # ------------------------------------------------------------------ forward pieces
@@ -187,27 +198,6 @@ class FGCLIPModel(nn.Module):
         v = self.logit_scale.detach().clone() if value is None else torch.tensor(value)
         self.logit_scale_finegraind.copy_(v)
         self.logit_scale_hardneg.copy_(v)
-
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW groups: decay on matrices (linear and conv weights); none on biases, norms,
-        embeddings / position tables and temperatures."""
-        decay, no_decay = [], []
-        embeddings = {
-            "vision.class_embedding",
-            "vision.position_embedding",
-            "text.position_embedding",
-            "text.position_embedding_ori",
-            "text.position_embedding_res",
-            "text.token_embedding.weight",
-        }
-        for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (decay if p.dim() >= 2 and name not in embeddings else no_decay).append(p)
-        return [
-            {"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
 
 
 def is_tp_sharded(param: nn.Parameter) -> bool:

@@ -53,6 +53,12 @@ def wrap_data_parallel(
     )
 
 
+def skips_weight_decay(param: torch.nn.Parameter) -> bool:
+    """As in CLIP: no decay on params of < 2 dims (biases, norms, the 0-dim logit scales, which
+    megatron's default would decay) nor on those a model marks `no_weight_decay` (embeddings)."""
+    return param.ndim < 2 or getattr(param, "no_weight_decay", False)
+
+
 def build_optimizer(
     model: DistributedDataParallel,
     optim: OptimizerConfig,
@@ -74,9 +80,7 @@ def build_optimizer(
         params_dtype=_DTYPES[precision.params_dtype],
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
-    # As in CLIP/open_clip: no weight decay on params with fewer than 2 dims (biases, norms and
-    # the 0-dim logit scales; megatron's default would decay the scales).
-    no_decay = ParamKey(predicate=ParamPredicate(name="ndim_lt_2", fn=lambda p: p.ndim < 2))
+    no_decay = ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=skips_weight_decay))
     optimizer = get_megatron_optimizer(
         mcfg, [model], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)}
     )
