@@ -50,8 +50,9 @@ def _register_fakes() -> None:
         return input.new_empty((rois.shape[0], input.shape[1], pooled_height, pooled_width))
 
     @torch.library.register_fake("fgclip::roi_align_backward")
-    def _(grad, rois, spatial_scale, ph, pw, n, c, h, w, sampling_ratio, aligned, deterministic):
-        return grad.new_empty((n, c, h, w))
+    def _(grad, rois, scale, ph, pw, n, c, h, w, sampling_ratio, aligned, det, channels_last=False):
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return grad.new_empty((n, c, h, w)).contiguous(memory_format=fmt)
 
 
 def load() -> LibStatus:

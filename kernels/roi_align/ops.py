@@ -57,7 +57,12 @@ class _RoIAlignFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, rois, scale, ph, pw, sampling_ratio, aligned, deterministic):
         ctx.save_for_backward(rois)
-        ctx.args = (scale, ph, pw, sampling_ratio, aligned, deterministic)
+        # The gradient comes back in the memory format of the features (channels-last for a
+        # permuted token tensor), so it flows back through the permute/view without a copy.
+        channels_last = not input.is_contiguous() and input.is_contiguous(
+            memory_format=torch.channels_last
+        )
+        ctx.args = (scale, ph, pw, sampling_ratio, aligned, deterministic, channels_last)
         ctx.input_shape = tuple(input.shape)
         return torch.ops.fgclip.roi_align(input, rois, scale, ph, pw, sampling_ratio, aligned)
 
@@ -74,12 +79,12 @@ class _RoIAlignBackwardFn(torch.autograd.Function):
     # The backward is linear in grad and its adjoint is the forward op, which gives double
     # backward for free.
     @staticmethod
-    def forward(ctx, grad, rois, input_shape, scale, ph, pw, sampling_ratio, aligned, det):
+    def forward(ctx, grad, rois, input_shape, scale, ph, pw, sampling_ratio, aligned, det, cl):
         ctx.save_for_backward(rois)
         ctx.args = (scale, ph, pw, sampling_ratio, aligned)
         n, c, h, w = input_shape
         return torch.ops.fgclip.roi_align_backward(
-            grad, rois, scale, ph, pw, n, c, h, w, sampling_ratio, aligned, det
+            grad, rois, scale, ph, pw, n, c, h, w, sampling_ratio, aligned, det, cl
         )
 
     @staticmethod
@@ -87,8 +92,8 @@ class _RoIAlignBackwardFn(torch.autograd.Function):
         (rois,) = ctx.saved_tensors
         gg = None
         if ctx.needs_input_grad[0]:
-            gg = torch.ops.fgclip.roi_align(ggin.contiguous(), rois, *ctx.args)
-        return gg, None, None, None, None, None, None, None, None
+            gg = torch.ops.fgclip.roi_align(ggin, rois, *ctx.args)
+        return gg, None, None, None, None, None, None, None, None, None
 
 
 def roi_align(

@@ -7,6 +7,9 @@
 // scratch plane. No atomics, and the summation order does not depend on the thread count, so
 // gradients are bit-identical run to run. Cost: O(N*C*H*W) to clear and write the planes plus
 // O(C * sum over boxes of the pixels under their bins), i.e. about one forward pass.
+// Channels-last features use NHWC variants of both (work items are (box or image, block of 64
+// channels), inner loops run over contiguous channels and vectorise); they perform the same
+// floating-point operations per element in the same order as the NCHW kernels.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -104,6 +107,61 @@ void forward_cpu(const at::Tensor& input, const Profiles& p, int ph_n, int pw_n,
   });
 }
 
+constexpr int64_t kChannelBlock = 64;
+
+// Channels-last input: memory (N, H, W, C). Work item = (box, block of channels).
+template <typename scalar_t>
+void forward_cpu_nhwc(const at::Tensor& input, const Profiles& p, int ph_n, int pw_n,
+                      at::Tensor& out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t c_n = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t k_n = out.size(0);
+  const int64_t n_cb = (c_n + kChannelBlock - 1) / kChannelBlock;
+  const scalar_t* in = input.data_ptr<scalar_t>();  // (N, H, W, C) in memory
+  scalar_t* o = out.data_ptr<scalar_t>();           // (K, C, PH, PW)
+  const acc_t* wy = p.wy.data_ptr<acc_t>();
+  const acc_t* wx = p.wx.data_ptr<acc_t>();
+  const int* ry = p.ry.data_ptr<int>();
+  const int* rx = p.rx.data_ptr<int>();
+  const int* meta = p.meta.data_ptr<int>();
+  const acc_t* norm = p.norm.data_ptr<acc_t>();
+  const int64_t bins = int64_t(ph_n) * pw_n;
+  at::parallel_for(0, k_n * n_cb, 4, [&](int64_t begin, int64_t end) {
+    acc_t acc[kChannelBlock], row[kChannelBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t k = item / n_cb, c0 = (item % n_cb) * kChannelBlock;
+      const int64_t cb = std::min(kChannelBlock, c_n - c0);
+      scalar_t* ok = o + (k * c_n + c0) * bins;  // out[k, c0 + j, bin] = ok[j * bins + bin]
+      const int b = meta[k * 5];
+      if (b < 0) {
+        std::fill(ok, ok + cb * bins, scalar_t(0));
+        continue;
+      }
+      for (int ph = 0; ph < ph_n; ++ph) {
+        const int* yr = ry + (k * ph_n + ph) * 2;
+        const acc_t* wyr = wy + (k * ph_n + ph) * h;
+        for (int pw = 0; pw < pw_n; ++pw) {
+          const int* xr = rx + (k * pw_n + pw) * 2;
+          const acc_t* wxr = wx + (k * pw_n + pw) * w;
+          std::fill(acc, acc + cb, acc_t(0));
+          for (int y = yr[0]; y < yr[1]; ++y) {
+            std::fill(row, row + cb, acc_t(0));
+            for (int x = xr[0]; x < xr[1]; ++x) {
+              const acc_t wv = wxr[x];
+              const scalar_t* px = in + ((b * h + y) * w + x) * c_n + c0;  // (cb,)
+              for (int64_t j = 0; j < cb; ++j) row[j] += wv * static_cast<acc_t>(px[j]);
+            }
+            const acc_t a = wyr[y];
+            for (int64_t j = 0; j < cb; ++j) acc[j] += a * row[j];
+          }
+          for (int64_t j = 0; j < cb; ++j)
+            ok[j * bins + ph * pw_n + pw] = static_cast<scalar_t>(acc[j] * norm[k]);
+        }
+      }
+    }
+  });
+}
+
 // Boxes grouped by image in ascending box index (stable counting sort): fixes the order in which
 // each input pixel sums its contributions.
 void group_boxes(const int* meta, int64_t k_n, int64_t n_img, std::vector<int64_t>& offsets,
@@ -163,6 +221,63 @@ void backward_cpu(const at::Tensor& grad, const Profiles& p, int ph_n, int pw_n,
   });
 }
 
+// Channels-last gradient: memory (N, H, W, C). Work item = (image, block of channels), each
+// owning an (H, W, cb) scratch block.
+template <typename scalar_t>
+void backward_cpu_nhwc(const at::Tensor& grad, const Profiles& p, int ph_n, int pw_n,
+                       at::Tensor& gin) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t n_img = gin.size(0), c_n = gin.size(1), h = gin.size(2), w = gin.size(3);
+  const int64_t k_n = grad.size(0);
+  const int64_t n_cb = (c_n + kChannelBlock - 1) / kChannelBlock;
+  const scalar_t* g = grad.data_ptr<scalar_t>();  // (K, C, PH, PW)
+  scalar_t* gi = gin.data_ptr<scalar_t>();        // (N, H, W, C) in memory
+  const acc_t* wy = p.wy.data_ptr<acc_t>();
+  const acc_t* wx = p.wx.data_ptr<acc_t>();
+  const int* ry = p.ry.data_ptr<int>();
+  const int* rx = p.rx.data_ptr<int>();
+  const acc_t* norm = p.norm.data_ptr<acc_t>();
+  std::vector<int64_t> offsets, order;
+  group_boxes(p.meta.data_ptr<int>(), k_n, n_img, offsets, order);
+  const int64_t bins = int64_t(ph_n) * pw_n;
+  at::parallel_for(0, n_img * n_cb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> acc;  // (H, W, cb)
+    acc_t gv[kChannelBlock], a[kChannelBlock];
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t n = item / n_cb, c0 = (item % n_cb) * kChannelBlock;
+      const int64_t cb = std::min(kChannelBlock, c_n - c0);
+      acc.assign(h * w * cb, acc_t(0));
+      for (int64_t jj = offsets[n]; jj < offsets[n + 1]; ++jj) {
+        const int64_t k = order[jj];
+        const scalar_t* gk = g + (k * c_n + c0) * bins;  // grad[k, c0 + j, bin]
+        for (int ph = 0; ph < ph_n; ++ph) {
+          const int* yr = ry + (k * ph_n + ph) * 2;
+          const acc_t* wyr = wy + (k * ph_n + ph) * h;
+          for (int pw = 0; pw < pw_n; ++pw) {
+            const int* xr = rx + (k * pw_n + pw) * 2;
+            const acc_t* wxr = wx + (k * pw_n + pw) * w;
+            for (int64_t j = 0; j < cb; ++j)
+              gv[j] = static_cast<acc_t>(gk[j * bins + ph * pw_n + pw]) * norm[k];
+            for (int y = yr[0]; y < yr[1]; ++y) {
+              for (int64_t j = 0; j < cb; ++j) a[j] = gv[j] * wyr[y];
+              for (int x = xr[0]; x < xr[1]; ++x) {
+                const acc_t wv = wxr[x];
+                acc_t* dst = acc.data() + (y * w + x) * cb;
+                for (int64_t j = 0; j < cb; ++j) dst[j] += a[j] * wv;
+              }
+            }
+          }
+        }
+      }
+      for (int64_t yx = 0; yx < h * w; ++yx) {
+        scalar_t* dst = gi + (n * h * w + yx) * c_n + c0;
+        const acc_t* src = acc.data() + yx * cb;
+        for (int64_t j = 0; j < cb; ++j) dst[j] = static_cast<scalar_t>(src[j]);
+      }
+    }
+  });
+}
+
 Profiles profiles_for(const at::Tensor& rois, at::ScalarType dtype, double spatial_scale,
                       int64_t ph, int64_t pw, int64_t n, int64_t h, int64_t w,
                       int64_t sampling_ratio, bool aligned, at::Tensor& rois_acc) {
@@ -179,7 +294,8 @@ Profiles profiles_for(const at::Tensor& rois, at::ScalarType dtype, double spati
 at::Tensor roi_align_cpu(const at::Tensor& input_, const at::Tensor& rois, double spatial_scale,
                          int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
   check_forward_args(input_, rois, ph, pw);
-  const auto input = input_.contiguous();
+  const bool cl = is_channels_last(input_);
+  const auto input = cl ? input_ : input_.contiguous();
   const int64_t n = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
   const int64_t k = rois.size(0);
   auto out = at::empty({k, c, ph, pw}, input.options());
@@ -193,19 +309,26 @@ at::Tensor roi_align_cpu(const at::Tensor& input_, const at::Tensor& rois, doubl
   TORCH_CHECK(!bad, "fgclip::roi_align: rois[:, 0] holds a batch index outside [0, ", n, ")");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fgclip_roi_align_forward",
-                                  [&] { forward_cpu<scalar_t>(input, p, ph, pw, out); });
+                                  [&] {
+                                    if (cl)
+                                      forward_cpu_nhwc<scalar_t>(input, p, ph, pw, out);
+                                    else
+                                      forward_cpu<scalar_t>(input, p, ph, pw, out);
+                                  });
   return out;
 }
 
 // `deterministic` is accepted for schema parity with CUDA; the CPU backward is always the
-// deterministic gather.
+// deterministic gather. `channels_last` selects the memory format of the returned gradient.
 at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& rois,
                                   double spatial_scale, int64_t ph, int64_t pw, int64_t n,
                                   int64_t c, int64_t h, int64_t w, int64_t sampling_ratio,
-                                  bool aligned, bool /*deterministic*/) {
+                                  bool aligned, bool /*deterministic*/, bool channels_last) {
   check_backward_args(grad_, rois, ph, pw, n, c, h, w);
   const auto grad = grad_.contiguous();
-  auto gin = at::empty({n, c, h, w}, grad.options());
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  auto gin = at::empty({n, c, h, w}, grad.options().memory_format(fmt));
+  const bool cl = is_channels_last(gin);
   if (gin.numel() == 0) return gin;
   if (rois.size(0) == 0) return gin.zero_();
   at::Tensor rois_acc;
@@ -213,7 +336,12 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& roi
                             sampling_ratio, aligned, rois_acc);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(),
                                   "fgclip_roi_align_backward",
-                                  [&] { backward_cpu<scalar_t>(grad, p, ph, pw, gin); });
+                                  [&] {
+                                    if (cl)
+                                      backward_cpu_nhwc<scalar_t>(grad, p, ph, pw, gin);
+                                    else
+                                      backward_cpu<scalar_t>(grad, p, ph, pw, gin);
+                                  });
   return gin;
 }
 
@@ -229,7 +357,7 @@ TORCH_LIBRARY_FRAGMENT(fgclip, m) {
   m.def(
       "roi_align_backward(Tensor grad, Tensor rois, float spatial_scale, int pooled_height, "
       "int pooled_width, int batch_size, int channels, int height, int width, "
-      "int sampling_ratio, bool aligned, bool deterministic) -> Tensor");
+      "int sampling_ratio, bool aligned, bool deterministic, bool channels_last=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fgclip, CPU, m) {

@@ -2,8 +2,10 @@
 // first).
 //
 // 1. profiles_kernel / meta_kernel: separable sampling weights per box (roi_align_common.h).
-// 2. Forward: one thread per output bin; for the 1x1 FG-CLIP case one warp per (box, channel),
-//    lanes stride over the box's pixels (row-contiguous reads) and a fixed shuffle tree reduces.
+// 2. Forward: one thread per output bin; for the 1x1 FG-CLIP case with NCHW features one warp
+//    per (box, channel), lanes stride over the box's pixels (row-contiguous reads) and a fixed
+//    shuffle tree reduces. Channels-last features (FG-CLIP's permuted token tensor) are read in
+//    place with the channel as the fastest thread index, which is already coalesced.
 // 3. Backward, deterministic (default): one thread per input element (n, c, y, x) gathers from
 //    the boxes of image n in ascending box order (boxes grouped by a stable sort), so every
 //    gradient is a fixed-order sum: bit-identical run to run, no atomics, and bf16/fp16 outputs
@@ -88,24 +90,51 @@ __global__ void meta_kernel(const acc_t* __restrict__ rois, int64_t k_n, acc_t s
   }
 }
 
+// Thread index -> (box, channel, bin). NCHW: the bin varies fastest (neighbouring threads read
+// neighbouring pixels of one plane); channels-last: the channel varies fastest (neighbouring
+// threads read neighbouring channels of one pixel). Both keep reads coalesced.
+template <bool CL>
+__device__ __forceinline__ void split_output_index(int64_t i, int64_t c_n, int ph_n, int pw_n,
+                                                   int64_t& k, int64_t& c, int& ph, int& pw) {
+  if (CL) {
+    c = i % c_n;
+    const int64_t r = i / c_n;
+    pw = static_cast<int>(r % pw_n);
+    ph = static_cast<int>((r / pw_n) % ph_n);
+    k = r / (int64_t(pw_n) * ph_n);
+  } else {
+    pw = static_cast<int>(i % pw_n);
+    ph = static_cast<int>((i / pw_n) % ph_n);
+    const int64_t kc = i / (int64_t(pw_n) * ph_n);
+    k = kc / c_n;
+    c = kc % c_n;
+  }
+}
+
+// Offset of feature (b, c, y, x) for NCHW or channels-last memory.
+template <bool CL>
+__device__ __forceinline__ int64_t feature_offset(int64_t b, int64_t c, int y, int x,
+                                                  int64_t c_n, int h, int w) {
+  return CL ? ((b * h + y) * w + x) * c_n + c : ((b * c_n + c) * h + y) * w + x;
+}
+
 // One thread per output element (K, C, PH, PW).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool CL>
 __global__ void forward_kernel(const scalar_t* __restrict__ in, int64_t c_n, int h, int w,
                                int ph_n, int pw_n, int64_t total, const acc_t* __restrict__ wy,
                                const acc_t* __restrict__ wx, const int* __restrict__ ry,
                                const int* __restrict__ rx, const int* __restrict__ meta,
                                const acc_t* __restrict__ norm, scalar_t* __restrict__ out) {
   FGCLIP_GRID_STRIDE(i, total) {
-    const int pw = static_cast<int>(i % pw_n);
-    const int ph = static_cast<int>((i / pw_n) % ph_n);
-    const int64_t kc = i / (int64_t(pw_n) * ph_n);
-    const int64_t k = kc / c_n, c = kc % c_n;
+    int64_t k, c;
+    int ph, pw;
+    split_output_index<CL>(i, c_n, ph_n, pw_n, k, c, ph, pw);
+    const int64_t o = ((k * c_n + c) * ph_n + ph) * pw_n + pw;  // output is (K, C, PH, PW)
     const int b = meta[k * 5];
     if (b < 0) {
-      out[i] = scalar_t(0);
+      out[o] = scalar_t(0);
       continue;
     }
-    const scalar_t* plane = in + (int64_t(b) * c_n + c) * h * w;  // (H, W)
     const int* yr = ry + (k * ph_n + ph) * 2;
     const int* xr = rx + (k * pw_n + pw) * 2;
     const acc_t* wyr = wy + (k * ph_n + ph) * h;
@@ -113,14 +142,15 @@ __global__ void forward_kernel(const scalar_t* __restrict__ in, int64_t c_n, int
     acc_t s = 0;
     for (int y = yr[0]; y < yr[1]; ++y) {
       acc_t sx = 0;
-      for (int x = xr[0]; x < xr[1]; ++x) sx += wxr[x] * static_cast<acc_t>(plane[y * w + x]);
+      for (int x = xr[0]; x < xr[1]; ++x)
+        sx += wxr[x] * static_cast<acc_t>(in[feature_offset<CL>(b, c, y, x, c_n, h, w)]);
       s += wyr[y] * sx;
     }
-    out[i] = static_cast<scalar_t>(s * norm[k]);
+    out[o] = static_cast<scalar_t>(s * norm[k]);
   }
 }
 
-// 1x1 output: one warp per (box, channel); K * C warps.
+// 1x1 output, NCHW features: one warp per (box, channel); K * C warps.
 template <typename scalar_t, typename acc_t>
 __global__ void forward_1x1_kernel(const scalar_t* __restrict__ in, int64_t c_n, int h, int w,
                                    int64_t kc_total, const acc_t* __restrict__ wy,
@@ -151,8 +181,9 @@ __global__ void forward_1x1_kernel(const scalar_t* __restrict__ in, int64_t c_n,
   }
 }
 
-// Deterministic backward: one thread per input element (N, C, H, W).
-template <typename scalar_t, typename acc_t>
+// Deterministic backward: one thread per input element, in memory order (NCHW: x fastest;
+// channels-last: c fastest).
+template <typename scalar_t, typename acc_t, bool CL>
 __global__ void backward_gather_kernel(
     const scalar_t* __restrict__ grad, int64_t c_n, int h, int w, int ph_n, int pw_n,
     int64_t total, const int64_t* __restrict__ order, const int64_t* __restrict__ offsets,
@@ -160,10 +191,21 @@ __global__ void backward_gather_kernel(
     const int* __restrict__ rx, const int* __restrict__ meta, const acc_t* __restrict__ norm,
     scalar_t* __restrict__ gin) {
   FGCLIP_GRID_STRIDE(i, total) {
-    const int x = static_cast<int>(i % w);
-    const int y = static_cast<int>((i / w) % h);
-    const int64_t nc = i / (int64_t(h) * w);
-    const int64_t n = nc / c_n, c = nc % c_n;
+    int64_t n, c;
+    int y, x;
+    if (CL) {
+      c = i % c_n;
+      const int64_t r = i / c_n;
+      x = static_cast<int>(r % w);
+      y = static_cast<int>((r / w) % h);
+      n = r / (int64_t(h) * w);
+    } else {
+      x = static_cast<int>(i % w);
+      y = static_cast<int>((i / w) % h);
+      const int64_t nc = i / (int64_t(h) * w);
+      n = nc / c_n;
+      c = nc % c_n;
+    }
     acc_t s = 0;
     for (int64_t j = offsets[n]; j < offsets[n + 1]; ++j) {
       const int64_t k = order[j];
@@ -189,7 +231,7 @@ __global__ void backward_gather_kernel(
 }
 
 // Non-deterministic backward: one thread per grad element (K, C, PH, PW), atomics into acc_t.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, bool CL>
 __global__ void backward_scatter_kernel(const scalar_t* __restrict__ grad, int64_t c_n, int h,
                                         int w, int ph_n, int pw_n, int64_t total,
                                         const acc_t* __restrict__ wy,
@@ -197,21 +239,21 @@ __global__ void backward_scatter_kernel(const scalar_t* __restrict__ grad, int64
                                         const int* __restrict__ rx, const int* __restrict__ meta,
                                         const acc_t* __restrict__ norm, acc_t* __restrict__ buf) {
   FGCLIP_GRID_STRIDE(i, total) {
-    const int pw = static_cast<int>(i % pw_n);
-    const int ph = static_cast<int>((i / pw_n) % ph_n);
-    const int64_t kc = i / (int64_t(pw_n) * ph_n);
-    const int64_t k = kc / c_n, c = kc % c_n;
+    int64_t k, c;
+    int ph, pw;
+    split_output_index<CL>(i, c_n, ph_n, pw_n, k, c, ph, pw);
     const int b = meta[k * 5];
     if (b < 0) continue;
-    const acc_t gv = static_cast<acc_t>(grad[i]) * norm[k];
-    acc_t* plane = buf + (int64_t(b) * c_n + c) * h * w;  // (H, W)
+    const int64_t gidx = ((k * c_n + c) * ph_n + ph) * pw_n + pw;  // grad is (K, C, PH, PW)
+    const acc_t gv = static_cast<acc_t>(grad[gidx]) * norm[k];
     const int* yr = ry + (k * ph_n + ph) * 2;
     const int* xr = rx + (k * pw_n + pw) * 2;
     const acc_t* wyr = wy + (k * ph_n + ph) * h;
     const acc_t* wxr = wx + (k * pw_n + pw) * w;
     for (int y = yr[0]; y < yr[1]; ++y) {
       const acc_t a = gv * wyr[y];
-      for (int x = xr[0]; x < xr[1]; ++x) atomicAdd(plane + y * w + x, a * wxr[x]);
+      for (int x = xr[0]; x < xr[1]; ++x)
+        atomicAdd(buf + feature_offset<CL>(b, c, y, x, c_n, h, w), a * wxr[x]);
     }
   }
 }
@@ -242,7 +284,8 @@ at::Tensor roi_align_cuda(const at::Tensor& input_, const at::Tensor& rois, doub
                           int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
   check_forward_args(input_, rois, ph, pw);
   const c10::cuda::CUDAGuard guard(input_.device());
-  const auto input = input_.contiguous();
+  const bool cl = is_channels_last(input_);
+  const auto input = cl ? input_ : input_.contiguous();
   const int64_t n = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
   const int64_t k = rois.size(0);
   auto out = at::empty({k, c, ph, pw}, input.options());
@@ -256,14 +299,19 @@ at::Tensor roi_align_cuda(const at::Tensor& input_, const at::Tensor& rois, doub
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, input.scalar_type(), "fgclip_roi_align_forward_cuda", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        if (ph == 1 && pw == 1) {
+        if (cl) {
+          forward_kernel<scalar_t, acc_t, true><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+              input.data_ptr<scalar_t>(), c, h, w, ph, pw, out.numel(), p.wy.data_ptr<acc_t>(),
+              p.wx.data_ptr<acc_t>(), p.ry.data_ptr<int>(), p.rx.data_ptr<int>(),
+              p.meta.data_ptr<int>(), p.norm.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
+        } else if (ph == 1 && pw == 1) {
           const int64_t kc = k * c;
           forward_1x1_kernel<scalar_t, acc_t><<<blocks_for(kc * 32), kThreads, 0, stream>>>(
               input.data_ptr<scalar_t>(), c, h, w, kc, p.wy.data_ptr<acc_t>(),
               p.wx.data_ptr<acc_t>(), p.meta.data_ptr<int>(), p.norm.data_ptr<acc_t>(),
               out.data_ptr<scalar_t>());
         } else {
-          forward_kernel<scalar_t, acc_t><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
+          forward_kernel<scalar_t, acc_t, false><<<blocks_for(out.numel()), kThreads, 0, stream>>>(
               input.data_ptr<scalar_t>(), c, h, w, ph, pw, out.numel(), p.wy.data_ptr<acc_t>(),
               p.wx.data_ptr<acc_t>(), p.ry.data_ptr<int>(), p.rx.data_ptr<int>(),
               p.meta.data_ptr<int>(), p.norm.data_ptr<acc_t>(), out.data_ptr<scalar_t>());
@@ -276,31 +324,38 @@ at::Tensor roi_align_cuda(const at::Tensor& input_, const at::Tensor& rois, doub
 at::Tensor roi_align_backward_cuda(const at::Tensor& grad_, const at::Tensor& rois,
                                    double spatial_scale, int64_t ph, int64_t pw, int64_t n,
                                    int64_t c, int64_t h, int64_t w, int64_t sampling_ratio,
-                                   bool aligned, bool deterministic) {
+                                   bool aligned, bool deterministic, bool channels_last) {
   check_backward_args(grad_, rois, ph, pw, n, c, h, w);
   const c10::cuda::CUDAGuard guard(grad_.device());
   const auto grad = grad_.contiguous();
   const int64_t k = rois.size(0);
-  if (n * c * h * w == 0) return at::empty({n, c, h, w}, grad.options());
-  if (k == 0) return at::zeros({n, c, h, w}, grad.options());
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  if (n * c * h * w == 0) return at::empty({n, c, h, w}, grad.options().memory_format(fmt));
+  if (k == 0) return at::zeros({n, c, h, w}, grad.options().memory_format(fmt));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   Profiles p =
       profiles_cuda(rois, grad.scalar_type(), spatial_scale, ph, pw, n, h, w, sampling_ratio,
                     aligned, stream);
   if (!deterministic) {
-    auto buf = at::zeros({n, c, h, w}, grad.options().dtype(acc_dtype(grad.scalar_type())));
+    auto buf = at::zeros({n, c, h, w},
+                         grad.options().dtype(acc_dtype(grad.scalar_type())).memory_format(fmt));
+    const bool cl = is_channels_last(buf);
     AT_DISPATCH_FLOATING_TYPES_AND2(
         at::kHalf, at::kBFloat16, grad.scalar_type(), "fgclip_roi_align_backward_scatter", [&] {
           using acc_t = at::opmath_type<scalar_t>;
-          backward_scatter_kernel<scalar_t, acc_t>
-              <<<blocks_for(grad.numel()), kThreads, 0, stream>>>(
-                  grad.data_ptr<scalar_t>(), c, h, w, ph, pw, grad.numel(),
-                  p.wy.data_ptr<acc_t>(), p.wx.data_ptr<acc_t>(), p.ry.data_ptr<int>(),
-                  p.rx.data_ptr<int>(), p.meta.data_ptr<int>(), p.norm.data_ptr<acc_t>(),
-                  buf.data_ptr<acc_t>());
+          const auto launch = [&](auto kernel) {
+            kernel<<<blocks_for(grad.numel()), kThreads, 0, stream>>>(
+                grad.data_ptr<scalar_t>(), c, h, w, ph, pw, grad.numel(), p.wy.data_ptr<acc_t>(),
+                p.wx.data_ptr<acc_t>(), p.ry.data_ptr<int>(), p.rx.data_ptr<int>(),
+                p.meta.data_ptr<int>(), p.norm.data_ptr<acc_t>(), buf.data_ptr<acc_t>());
+          };
+          if (cl)
+            launch(backward_scatter_kernel<scalar_t, acc_t, true>);
+          else
+            launch(backward_scatter_kernel<scalar_t, acc_t, false>);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
-    return buf.to(grad.scalar_type());
+    return buf.to(grad.scalar_type());  // keeps buf's memory format
   }
   // Group boxes by image with a stable sort: segment n of `order` lists image n's boxes in
   // ascending index; out-of-range boxes (-1) sort first and fall outside every segment.
@@ -309,15 +364,22 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad_, const at::Tensor& ro
   const auto order = std::get<1>(sorted).contiguous();                  // (K,) int64
   const auto bounds = at::arange(n + 1, bidx.options());                // (N + 1,) int32
   const auto offsets = at::searchsorted(std::get<0>(sorted), bounds).contiguous();  // int64
-  auto gin = at::empty({n, c, h, w}, grad.options());
+  auto gin = at::empty({n, c, h, w}, grad.options().memory_format(fmt));
+  const bool cl = is_channels_last(gin);
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad.scalar_type(), "fgclip_roi_align_backward_gather", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        backward_gather_kernel<scalar_t, acc_t><<<blocks_for(gin.numel()), kThreads, 0, stream>>>(
-            grad.data_ptr<scalar_t>(), c, h, w, ph, pw, gin.numel(), order.data_ptr<int64_t>(),
-            offsets.data_ptr<int64_t>(), p.wy.data_ptr<acc_t>(), p.wx.data_ptr<acc_t>(),
-            p.ry.data_ptr<int>(), p.rx.data_ptr<int>(), p.meta.data_ptr<int>(),
-            p.norm.data_ptr<acc_t>(), gin.data_ptr<scalar_t>());
+        const auto launch = [&](auto kernel) {
+          kernel<<<blocks_for(gin.numel()), kThreads, 0, stream>>>(
+              grad.data_ptr<scalar_t>(), c, h, w, ph, pw, gin.numel(), order.data_ptr<int64_t>(),
+              offsets.data_ptr<int64_t>(), p.wy.data_ptr<acc_t>(), p.wx.data_ptr<acc_t>(),
+              p.ry.data_ptr<int>(), p.rx.data_ptr<int>(), p.meta.data_ptr<int>(),
+              p.norm.data_ptr<acc_t>(), gin.data_ptr<scalar_t>());
+        };
+        if (cl)
+          launch(backward_gather_kernel<scalar_t, acc_t, true>);
+        else
+          launch(backward_gather_kernel<scalar_t, acc_t, false>);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
   return gin;

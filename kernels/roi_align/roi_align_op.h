@@ -43,6 +43,13 @@ inline void check_backward_args(const at::Tensor& grad, const at::Tensor& rois, 
               c, ", ", ph, ", ", pw, "), got ", grad.sizes());
 }
 
+// Features that are channels-last in memory (FG-CLIP's dense map is a (B, h*w, D) token tensor
+// viewed as (B, D, h, w)) take the NHWC kernels, which avoids a full copy here and in backward;
+// any other layout is made NCHW-contiguous. A tensor that is both (C == 1 or H*W == 1) is NCHW.
+inline bool is_channels_last(const at::Tensor& t) {
+  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // Separable sampling weights of every box (see roi_align_common.h).
 struct Profiles {
   at::Tensor wy;    // (K, PH, H) acc: row weights of each output row bin
