@@ -293,6 +293,20 @@ def test_edge_cases():
     assert meta.shape == (7, 3, 2, 3)
 
 
+def test_torch_compile_fullgraph():
+    # The fake kernels and the lock-free library check let dynamo trace the op without breaks.
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    rois = torch.tensor([[0, 1.0, 1.0, 5.0, 6.0], [1, 0.0, 0.5, 7.0, 7.0]])
+
+    def f(t):
+        return roi_align(t, rois, 2, aligned=True).square().sum()
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    (g_compiled,) = torch.autograd.grad(compiled(x), x)
+    (g_eager,) = torch.autograd.grad(f(x), x)
+    assert torch.equal(g_compiled, g_eager)
+
+
 def test_backend_dispatch(monkeypatch):
     x = torch.randn(1, 2, 6, 6)
     rois = torch.tensor([[0, 0.5, 0.5, 4.0, 5.0]])

@@ -57,6 +57,8 @@ def _register_fakes() -> None:
 
 def load() -> LibStatus:
     global _status
+    if _status is not None:  # lock-free after the first call (and traceable by torch.compile)
+        return _status
     with _lock:
         if _status is not None:
             return _status
