@@ -146,8 +146,8 @@ class DataConfig:
     """Blocks whose samples are shuffled together in memory (the shuffle buffer)."""
     region_text: Literal["random", "short", "long"] = "random"
     """Region phrase per box: short_expr, long_expr, or a seeded per-epoch coin (upstream)."""
-    resize_antialias: Literal["auto", "on", "off"] = "auto"
-    """Antialiased squash resize; auto = on for mixed (GPU) decode, off for CPU (speed)."""
+    resize_antialias: Literal["on", "off"] = "on"
+    """Squash resize with PIL-BILINEAR-style antialiasing (on) or plain bilinear sampling."""
     py_start_method: Literal["auto", "fork", "spawn"] = "auto"
     """Reader process start; auto = fork unless CUDA is already initialised, then spawn."""
 
@@ -322,6 +322,7 @@ def tiny() -> Config:
     cfg.optim.lr = 5e-4
     cfg.optim.warmup_steps = 10
     cfg.train.steps = 60
+    cfg.train.stage = "regional"
     cfg.train.log_interval = 5
     return cfg
 

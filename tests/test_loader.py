@@ -1,19 +1,23 @@
 """Loaders: DP coverage, exact resume, reshuffle, and DALI output against independent references.
 
-Image tolerance (uint8 levels, i.e. |a - b| * 255 * std after CLIP normalisation), measured
-against PIL decoding the original file and resizing it the same way:
-  - no antialias (CPU default): DALI vs PIL affine-bilinear, max <= 1 level (PIL truncates
-    where DALI rounds); decoding itself is bit-exact (both libjpeg-turbo);
-  - antialias: DALI vs PIL BILINEAR resize, max <= 4 levels away from the image border, mean
-    <= 0.5 level; on the 1-px border up to 16 levels (the filter support is clamped at the edge
-    differently; measured max 12 at a 3.3x downscale, 1 at 2.2x).
+Image tolerance, in uint8 levels (|a - b| * 255 * std after CLIP normalisation), against PIL
+decoding the original file and resizing it the same way:
+  - antialias (default): vs PIL's BILINEAR resize, max <= 1 level, mean < 0.05;
+  - no antialias: vs PIL affine bilinear sampling (which truncates where torch rounds) max <= 2,
+    mean < 0.8; and max <= 1 against exact float64 bilinear interpolation.
+The CPU path decodes bit-exactly (DALI and PIL both use libjpeg-turbo); the differences are
+rounding in the resize. The GPU path (nvJPEG + DALI's GPU resize) is checked against the CPU
+path with a looser bound: nvJPEG's IDCT differs, and DALI clamps the antialias filter at the
+image border differently (measured on the CPU: up to 12 levels on the 1-px border, <= 4 inside).
 """
 
 import dataclasses
+import io
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data_prep.build_shards import build_shards
 from fgclip_mega.config import DataConfig
@@ -21,8 +25,9 @@ from fgclip_mega.data import tokenizer
 from fgclip_mega.data.batch import CLIP_STD
 from fgclip_mega.data.loader import DaliLoader, build_loader
 from fgclip_mega.data.order import StreamOrder
-from fgclip_mega.data.pil_loader import PilLoader, normalise, pil_resized
+from fgclip_mega.data.pil_loader import PilLoader, pil_resized
 from fgclip_mega.data.shards import SHORT_PREFIX, open_shard_set
+from fgclip_mega.data.transforms import normalise
 from tests.test_data_helpers import read_jsonl, write_raw
 
 N, SIZE = 115, 48  # 115 = 5 shards of 23: divisible neither by the DP sizes nor by B
@@ -169,19 +174,20 @@ def test_dali_batches_match_independent_references(data, antialias):
         batches = _take(loader, 4)
     long_used = 0
     for batch in batches:
-        ref_imgs = np.stack(
-            [
-                pil_resized((image_root / k).read_bytes(), SIZE, antialias == "on")
-                for k in batch.keys
-            ]
-        )
-        levels = _levels(batch.images, normalise(ref_imgs))
-        if antialias == "off":
-            assert levels.max() <= 1.01
-        else:
-            # The 1-px border differs more: DALI and PIL clamp the filter support differently.
-            assert levels[..., 1:-1, 1:-1].max() <= 4.01 and levels.mean() <= 0.5
-            assert levels.max() <= 16.01
+        files = [(image_root / k).read_bytes() for k in batch.keys]
+        ref_imgs = np.stack([pil_resized(f, SIZE, antialias == "on") for f in files])
+        decoded = [np.asarray(Image.open(io.BytesIO(f)).convert("RGB")) for f in files]
+        ref = normalise(torch.from_numpy(ref_imgs).permute(0, 3, 1, 2))
+        levels = _levels(batch.images, ref)
+        if antialias == "on":
+            assert levels.max() <= 1.01 and levels.mean() < 0.05
+        else:  # PIL's affine sampling truncates: about half the values are one level lower
+            assert levels.max() <= 2.01 and levels.mean() < 0.8
+            exact = torch.nn.functional.interpolate(  # float64 bilinear, no rounding at all
+                torch.from_numpy(np.stack(decoded)).permute(0, 3, 1, 2).double(),
+                size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=False,
+            )  # fmt: skip
+            assert _levels(batch.images, normalise(exact)).max() <= 1.01
         for i, key in enumerate(batch.keys):
             ref = _reference_arrays(records[key])
             for name in ("long_tokens", "short_tokens", "boxes", "hardneg_tokens", "hardneg_valid"):
@@ -223,7 +229,7 @@ def test_spawned_reader_process_gives_the_same_stream(data):
 @pytest.mark.gpu
 def test_mixed_gpu_decode_matches_cpu(data):
     shards, _, _ = data
-    cfg = _cfg(shards, micro_batch_size=8, resize_antialias="off")
+    cfg = _cfg(shards, micro_batch_size=8)
     with DaliLoader(cfg, SIZE, device="cpu") as cpu:
         expected = _take(cpu, 3)
     gpu_cfg = dataclasses.replace(cfg, decode_device="mixed")
@@ -233,6 +239,6 @@ def test_mixed_gpu_decode_matches_cpu(data):
     for x, y in zip(got, expected, strict=True):
         assert x.images.is_cuda and x.long_tokens.is_cuda and x.keys == y.keys
         assert torch.equal(x.hardneg_tokens.cpu(), y.hardneg_tokens)
-        # nvJPEG's IDCT/upsampling differs slightly from libjpeg-turbo's.
         levels = _levels(x.images, y.images)
-        assert levels.mean() <= 1.0 and levels.max() <= 12
+        assert levels.mean() <= 1.0 and levels[..., 1:-1, 1:-1].max() <= 8
+        assert levels.max() <= 24

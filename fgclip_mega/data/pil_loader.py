@@ -1,10 +1,10 @@
 """Pure-PIL loader over the same shards and stream: the test reference and benchmark baseline.
 
 Same SampleSource (order, tokens, boxes) as the DALI loader; images are decoded with PIL in a
-thread pool of `num_threads` (PIL releases the GIL in decode and resize) and resized to match
-the DALI resize: antialiased -> PIL BILINEAR resize (triangle filter, like DALI's antialiased
-linear); not antialiased -> PIL affine transform with BILINEAR sampling at pixel centres (plain
-bilinear interpolation, like DALI's linear without antialias).
+thread pool of `num_threads` (PIL releases the GIL in decode and resize) and resized with the
+same semantics as the DALI loader: antialiased -> PIL BILINEAR resize (triangle filter);
+not antialiased -> PIL affine transform with BILINEAR sampling at pixel centres (plain bilinear
+interpolation, half-pixel centres).
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from fgclip_mega.config import DataConfig
-from fgclip_mega.data.batch import CLIP_MEAN, CLIP_STD, Batch, batch_from_arrays
+from fgclip_mega.data.batch import Batch, batch_from_arrays
 from fgclip_mega.data.shards import ShardSet
 from fgclip_mega.data.source import SampleSource
 from fgclip_mega.data.stream import StreamLoader
+from fgclip_mega.data.transforms import normalise
 
 
 def pil_resized(jpeg: bytes | np.ndarray, size: int, antialias: bool) -> np.ndarray:
@@ -39,14 +40,6 @@ def pil_resized(jpeg: bytes | np.ndarray, size: int, antialias: bool) -> np.ndar
     return np.asarray(img)
 
 
-def normalise(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 CLIP-normalised, as crop_mirror_normalize."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(torch.float32)
-    mean = torch.tensor([255 * m for m in CLIP_MEAN]).view(1, 3, 1, 1)
-    std = torch.tensor([255 * s for s in CLIP_STD]).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
-
-
 class PilLoader(StreamLoader):
     def __init__(
         self,
@@ -62,7 +55,6 @@ class PilLoader(StreamLoader):
     ):
         super().__init__(cfg, image_size, short_context, long_context, dp_rank, dp_size, shards)
         self.device = torch.device(device or "cpu")
-        # Same default as the DALI CPU path (see loader.py) unless told otherwise.
         self.antialias = cfg.resize_antialias == "on" if antialias is None else antialias
         self._decode = ThreadPoolExecutor(max(1, cfg.num_threads))
         self._assemble = ThreadPoolExecutor(1)
@@ -74,7 +66,7 @@ class PilLoader(StreamLoader):
         arrays = source.batch(step)
         size, aa = self.image_size, self.antialias
         images = list(self._decode.map(lambda j: pil_resized(j, size, aa), arrays["jpeg"]))
-        arrays["images"] = normalise(np.stack(images))
+        arrays["images"] = normalise(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
         return arrays
 
     def __next__(self) -> Batch:
