@@ -2,7 +2,7 @@
 # per line: name, ms (median), speedup_vs_torchvision_per_image (torchvision per-image ms / ms,
 # same device, case and pass). Also writes a bar chart of the speedups (--plot).
 #
-#   .venv/bin/python run/bench_roi_align.py [--device cpu|cuda|all] [--plot PATH]
+#   .venv/bin/python run/bench_roi_align.py [--device auto|cpu|cuda|all] [--plot PATH]
 #
 # Methods: tv_per_image = one torchvision call per image on feature[i:i+1], as upstream FG-CLIP;
 # tv_batched = one torchvision call with (K, 5) rois; ours = torch.ops.fgclip.roi_align, one call
@@ -181,7 +181,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--device", default="all", choices=["all", "cpu", "cuda"])
+    # auto: the GPU when there is one (keeps GPU-machine runs short), else the CPU.
+    ap.add_argument("--device", default="auto", choices=["auto", "all", "cpu", "cuda"])
     ap.add_argument("--iters", type=int, default=0, help="timed iterations (default 5 CPU, 30 GPU)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--cases", default="", help="comma-separated subset of case names")
@@ -193,10 +194,11 @@ def main() -> None:
     if not status.cpu:
         sys.exit(f"compiled RoIAlign missing ({status.errors}): run `bash run/build_ext.sh`")
     cases = [c for c in CASES if not a.cases or c.name in a.cases.split(",")]
+    has_cuda = torch.cuda.is_available()
     devices = []
-    if a.device in ("all", "cpu"):
+    if a.device in ("all", "cpu") or (a.device == "auto" and not has_cuda):
         devices.append(torch.device("cpu"))
-    if a.device in ("all", "cuda") and torch.cuda.is_available():
+    if a.device in ("all", "cuda", "auto") and has_cuda:
         if not status.cuda:
             sys.exit(f"CUDA RoIAlign kernel missing ({status.errors}): run `bash run/build_ext.sh`")
         devices.append(torch.device("cuda"))
