@@ -291,3 +291,19 @@ def test_parse_record_rejects_malformed():
         assert reason in problems[0].reason and problems[0].box == 1
     sample, _, _ = parse_record({**ok, "bbox_info": [box] * 6}, max_boxes=4)
     assert len(sample.boxes) == 4
+
+
+def test_json_list_dir_and_txt_inputs_give_the_same_shards(raw, tmp_path):
+    root, jsonl = raw
+    records = read_jsonl(jsonl)
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    (ann / "a.json").write_text(json.dumps(records[:15]))  # FineHARD ships .json lists
+    (ann / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[15:]))
+    (tmp_path / "list.txt").write_text(f"{ann / 'a.json'}\n{ann / 'b.jsonl'}\n")
+    keys = []
+    for i, source in enumerate([ann, tmp_path / "list.txt"]):
+        out = tmp_path / f"out{i}"
+        build_shards(str(source), str(root / "images"), str(out), shard_size=16, progress=False)
+        keys.append([k for p in open_shard_set(out).paths for k in ShardReader(p).keys()])
+    assert keys[0] == keys[1] == [r["f_path"] for r in records]

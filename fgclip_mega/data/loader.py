@@ -111,7 +111,11 @@ def _build_pipeline(
 
 
 class DaliLoader(StreamLoader):
-    """Micro-batches decoded by DALI; `next(loader)` returns a Batch on `device`."""
+    """Micro-batches decoded by DALI; `next(loader)` returns a Batch on `device`.
+
+    Call `next` from the training thread: on the CPU path it briefly sets torch's intra-op
+    thread count to 1 for the resize (see `_next_cpu`) and restores it before returning.
+    """
 
     def __init__(
         self,
