@@ -47,6 +47,11 @@ else
 fi
 
 mkdir -p "$BUILD"
+# Serialise concurrent builds (e.g. two test sessions) of the same directory.
+if command -v flock >/dev/null; then
+  exec 9>"$BUILD/.build_ext.lock"
+  flock 9
+fi
 STAMP="$BUILD/.fgclip_configure_args"
 if [[ ! -f "$BUILD/build.ninja" || ! -f "$STAMP" || "$(cat "$STAMP")" != "${ARGS[*]}" ]]; then
   rm -f "$BUILD/CMakeCache.txt"  # a changed generator or compiler cannot reuse the cache
