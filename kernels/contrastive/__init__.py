@@ -6,11 +6,12 @@ fused Triton kernels; ops.py: the autograd wrapper and the losses.
 
 from kernels.contrastive.ops import (
     IMPLEMENTATIONS,
-    pair_stats,
-    positive_dots,
+    pair_losses,
+    positive_logits,
     primitives,
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
+    stats_to_losses,
 )
 from kernels.contrastive.reference import (
     sigmoid_contrastive_reference,
@@ -19,9 +20,10 @@ from kernels.contrastive.reference import (
 
 __all__ = [
     "IMPLEMENTATIONS",
-    "pair_stats",
-    "positive_dots",
+    "pair_losses",
+    "positive_logits",
     "primitives",
+    "stats_to_losses",
     "sigmoid_contrastive_loss",
     "sigmoid_contrastive_reference",
     "softmax_contrastive_loss",

@@ -1,21 +1,41 @@
 """Tiled contrastive statistics in plain PyTorch: the CPU path, O(B*d + chunk^2) memory.
 
 Both primitives walk the (R, C) logit matrix x = scale * a @ b.T + bias in chunk x chunk tiles
-and never hold more than one tile. `fwd` returns per-row and/or per-column statistics:
-  softmax: log-sum-exp of x over the columns (rows) / rows (columns),
-  sigmoid: sum of softplus(x) over the columns (rows) / rows (columns).
-`bwd` recomputes every tile and, for upstream gradients g_row (R,) and g_col (C,) of those
-statistics, forms G = dLoss/dx tile by tile:
-  softmax: G_ij = g_row_i exp(x_ij - lse_row_i) + g_col_j exp(x_ij - lse_col_j),
-  sigmoid: G_ij = (g_row_i + g_col_j) sigmoid(x_ij),
+and never hold more than one tile. With `offset` set, entry (i, i + offset) is row i's positive
+(column j's positive is row j - offset); offset None means the block holds no positives.
+`fwd` returns per-row and/or per-column statistics:
+  softmax: log-sum-exp of x over the columns (rows) / rows (columns), positives included;
+  sigmoid: sum of -log sigmoid(z x), z = +1 at the positives and -1 elsewhere (the loss itself).
+`bwd` recomputes every tile and, for upstream gradients g_row (R,) and g_col (C,) of the row and
+column losses (softmax: lse - x_positive; sigmoid: the statistic), forms G = dLoss/dx:
+  softmax: G_ij = g_row_i (exp(x_ij - lse_row_i) - [j is i's positive])
+                + g_col_j (exp(x_ij - lse_col_j) - [i is j's positive]),
+  sigmoid: G_ij = (g_row_i + g_col_j) * (sigmoid(x_ij) at negatives, -sigmoid(-x_ij) at positives),
 then dA = scale * G @ b, dB = scale * G.T @ a, dscale = sum(G * a @ b.T), dbias = sum(G).
-Targets (the positive pairs) are not part of these statistics: the loss adds them in O(R*d).
 Inputs of any float dtype are computed in fp32; everything returned is fp32.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+
+def _lse(x: torch.Tensor, dim: int) -> torch.Tensor:
+    # Same value as torch.logsumexp (finite inputs), measured ~1.5x faster on CPU tiles.
+    m = x.amax(dim, keepdim=True)
+    return x.sub(m).exp_().sum(dim).log_().add_(m.squeeze(dim))
+
+
+def _diag(i0: int, ni: int, j0: int, nj: int, offset: int | None, device):
+    """(tile rows, tile cols) of the positives (i, i + offset) inside a tile, or None."""
+    if offset is None:
+        return None
+    lo, hi = max(i0, j0 - offset), min(i0 + ni, j0 + nj - offset)
+    if lo >= hi:
+        return None
+    i = torch.arange(lo, hi, device=device)
+    return i - i0, i + offset - j0
 
 
 def fwd(
@@ -27,6 +47,7 @@ def fwd(
     rows: bool = True,
     cols: bool = False,
     chunk: int = 1024,
+    offset: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     a32, b32 = a.float(), b.float()  # (R, D), (C, D)
     s, t = scale.float(), bias.float()
@@ -38,20 +59,23 @@ def fwd(
     for i0 in range(0, R, chunk):
         ai = a32[i0 : i0 + chunk]
         for j0 in range(0, C, chunk):
-            x = torch.mm(ai, b32[j0 : j0 + chunk].T).mul_(s)  # (ci, cj)
+            x = torch.mm(ai, b32[j0 : j0 + chunk].T).mul_(s).add_(t)  # (ci, cj)
             if softmax:
                 if row is not None:
                     r = row[i0 : i0 + chunk]
-                    torch.logaddexp(r, torch.logsumexp(x, 1), out=r)
+                    torch.logaddexp(r, _lse(x, 1), out=r)
                 if col is not None:
                     c = col[j0 : j0 + chunk]
-                    torch.logaddexp(c, torch.logsumexp(x, 0), out=c)
-            else:
-                sp = torch.nn.functional.softplus(x.add_(t))
-                if row is not None:
-                    row[i0 : i0 + chunk] += sp.sum(1)
-                if col is not None:
-                    col[j0 : j0 + chunk] += sp.sum(0)
+                    torch.logaddexp(c, _lse(x, 0), out=c)
+                continue
+            sp = F.softplus(x)  # -log sigmoid(-x): every pair a negative...
+            diag = _diag(i0, x.shape[0], j0, x.shape[1], offset, a.device)
+            if diag is not None:  # ...but the positives, -log sigmoid(x)
+                sp[diag] = F.softplus(-x[diag])
+            if row is not None:
+                row[i0 : i0 + chunk] += sp.sum(1)
+            if col is not None:
+                col[j0 : j0 + chunk] += sp.sum(0)
     return row, col
 
 
@@ -66,6 +90,7 @@ def bwd(
     col_stat: torch.Tensor | None,
     g_col: torch.Tensor | None,
     chunk: int = 1024,
+    offset: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     a32, b32 = a.float(), b.float()  # (R, D), (C, D)
     s, t = scale.float(), bias.float()
@@ -75,30 +100,37 @@ def bwd(
     # Scalar gradients accumulate in fp64: they sum R*C terms.
     ds = torch.zeros((), dtype=torch.float64, device=a.device)
     dt = torch.zeros((), dtype=torch.float64, device=a.device)
+    if g_row is None and g_col is None:
+        return da, db, ds.float(), dt.float()
     for i0 in range(0, R, chunk):
         ai = a32[i0 : i0 + chunk]
+        gr = g_row[i0 : i0 + chunk, None] if g_row is not None else None  # (ci, 1)
         for j0 in range(0, C, chunk):
             bj = b32[j0 : j0 + chunk]
+            gc = g_col[None, j0 : j0 + chunk] if g_col is not None else None  # (1, cj)
             dot = torch.mm(ai, bj.T)  # (ci, cj)
-            x = torch.mul(dot, s)
+            x = torch.mul(dot, s).add_(t)
+            diag = _diag(i0, x.shape[0], j0, x.shape[1], offset, a.device)
             if softmax:
                 G = None
-                if g_row is not None:
-                    G = x.sub(row_stat[i0 : i0 + chunk, None]).exp_()
-                    G.mul_(g_row[i0 : i0 + chunk, None])
-                if g_col is not None:
-                    P = x.sub_(col_stat[None, j0 : j0 + chunk]).exp_()
-                    P.mul_(g_col[None, j0 : j0 + chunk])
+                if gr is not None:
+                    G = x.sub(row_stat[i0 : i0 + chunk, None]).exp_().mul_(gr)
+                if gc is not None:
+                    P = x.sub_(col_stat[None, j0 : j0 + chunk]).exp_().mul_(gc)
                     G = P if G is None else G.add_(P)
+                if diag is not None:
+                    w = 0.0
+                    if gr is not None:
+                        w = gr[diag[0], 0]
+                    if gc is not None:
+                        w = w + gc[0, diag[1]]
+                    G[diag] -= w
             else:
-                w = 0.0
-                if g_row is not None:
-                    w = g_row[i0 : i0 + chunk, None]
-                if g_col is not None:
-                    w = w + g_col[None, j0 : j0 + chunk]
-                G = torch.sigmoid_(x.add_(t)).mul_(w)
-            if G is None:
-                continue
+                w = gr if gc is None else (gc if gr is None else gr + gc)
+                G = torch.sigmoid(x)
+                if diag is not None:
+                    G[diag] = -torch.sigmoid(-x[diag])
+                G.mul_(w)
             da[i0 : i0 + chunk].addmm_(G, bj)
             db[j0 : j0 + chunk].addmm_(G.T, ai)
             ds += torch.dot(G.view(-1), dot.view(-1))

@@ -50,7 +50,7 @@ def _prep(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return a.contiguous(), b.contiguous()
 
 
-def _rows_stat(x, y, scale, bias, softmax: bool) -> torch.Tensor:
+def _rows_stat(x, y, scale, bias, softmax: bool, offset: int | None) -> torch.Tensor:
     R, D = x.shape
     out = torch.empty(R, dtype=torch.float32, device=x.device)  # (R,)
     if R == 0:
@@ -59,12 +59,13 @@ def _rows_stat(x, y, scale, bias, softmax: bool) -> torch.Tensor:
     grid = (triton.cdiv(R, cfg["BLOCK_M"]),)
     cfg = {k: v for k, v in cfg.items() if k != "BLOCK_D"}
     _fwd_rows_kernel[grid](
-        x, y, out, scale, bias, R, y.shape[0], D, x.stride(0), y.stride(0), SOFTMAX=softmax, **cfg
-    )
+        x, y, out, scale, bias, R, y.shape[0], D, x.stride(0), y.stride(0), offset or 0,
+        HAS_TARGET=offset is not None, SOFTMAX=softmax, **cfg,
+    )  # fmt: skip
     return out
 
 
-def _rows_grad(x, y, scale, bias, softmax, stat_r, g_r, stat_c, g_c, write_part):
+def _rows_grad(x, y, scale, bias, softmax, stat_r, g_r, stat_c, g_c, write_part, offset):
     R, D = x.shape
     dx = torch.empty(R, D, dtype=torch.float32, device=x.device)  # (R, D)
     part = torch.zeros(R, 2, dtype=torch.float32, device=x.device)  # per-row dscale, dbias terms
@@ -77,14 +78,14 @@ def _rows_grad(x, y, scale, bias, softmax, stat_r, g_r, stat_c, g_c, write_part)
         x, y, dx, part, scale, bias,
         stat_r if stat_r is not None else dummy, g_r if g_r is not None else dummy,
         stat_c if stat_c is not None else dummy, g_c if g_c is not None else dummy,
-        R, y.shape[0], D, x.stride(0), y.stride(0), dx.stride(0),
-        SOFTMAX=softmax, HAS_ROW=g_r is not None, HAS_COL=g_c is not None,
-        WRITE_PART=write_part, **cfg,
+        R, y.shape[0], D, x.stride(0), y.stride(0), dx.stride(0), offset or 0,
+        HAS_TARGET=offset is not None, SOFTMAX=softmax,
+        HAS_ROW=g_r is not None, HAS_COL=g_c is not None, WRITE_PART=write_part, **cfg,
     )  # fmt: skip
     return dx, part
 
 
-def fwd(a, b, scale, bias, kind, rows=True, cols=False, chunk=None):
+def fwd(a, b, scale, bias, kind, rows=True, cols=False, chunk=None, offset=None):
     """Same contract as chunked.fwd; `chunk` is ignored (tiles are the kernel's blocks)."""
     a, b = _prep(a, b)
     softmax = kind == "softmax"
@@ -93,12 +94,14 @@ def fwd(a, b, scale, bias, kind, rows=True, cols=False, chunk=None):
         init = float("-inf") if softmax else 0.0
         row = torch.full((a.shape[0],), init, device=a.device) if rows else None
         return row, (torch.empty(0, device=a.device) if cols else None)
-    row = _rows_stat(a, b, scale, bias, softmax) if rows else None
-    col = _rows_stat(b, a, scale, bias, softmax) if cols else None
+    row = _rows_stat(a, b, scale, bias, softmax, offset) if rows else None
+    # Columns: rows of b against a, where column j's positive is row j - offset.
+    neg = None if offset is None else -offset
+    col = _rows_stat(b, a, scale, bias, softmax, neg) if cols else None
     return row, col
 
 
-def bwd(a, b, scale, bias, kind, row_stat, g_row, col_stat, g_col, chunk=None):
+def bwd(a, b, scale, bias, kind, row_stat, g_row, col_stat, g_col, chunk=None, offset=None):
     """Same contract as chunked.bwd."""
     a, b = _prep(a, b)
     softmax = kind == "softmax"
@@ -107,8 +110,11 @@ def bwd(a, b, scale, bias, kind, row_stat, g_row, col_stat, g_col, chunk=None):
     g_col = None if g_col is None else g_col.float().contiguous()
     row_stat = None if row_stat is None else row_stat.float().contiguous()
     col_stat = None if col_stat is None else col_stat.float().contiguous()
-    da, part = _rows_grad(a, b, scale, bias, softmax, row_stat, g_row, col_stat, g_col, True)
+    da, part = _rows_grad(
+        a, b, scale, bias, softmax, row_stat, g_row, col_stat, g_col, True, offset
+    )
     # dB: the same kernel on the transposed problem (rows of b against the columns a).
-    db, _ = _rows_grad(b, a, scale, bias, softmax, col_stat, g_col, row_stat, g_row, False)
+    neg = None if offset is None else -offset
+    db, _ = _rows_grad(b, a, scale, bias, softmax, col_stat, g_col, row_stat, g_row, False, neg)
     sums = part.sum(0)  # (2,)
     return da, db, sums[0], sums[1]

@@ -1,9 +1,11 @@
 """Triton kernels of the tiled contrastive statistics (same math as chunked.py).
 
 x = scale * X @ Y.T + bias is formed one (BLOCK_M, BLOCK_N) tile at a time with fp32
-accumulation and never written to memory:
+accumulation and never written to memory. With HAS_TARGET, entry (i, i + OFFSET) is row i's
+positive (OFFSET may be negative: the swapped, column-direction call passes -offset).
   `_fwd_rows_kernel`: one program per BLOCK_M rows of X walks all columns and writes one fp32
-      statistic per row: the online log-sum-exp (softmax) or the sum of softplus (sigmoid).
+      statistic per row: the online log-sum-exp (softmax) or the row's SigLIP loss, the sum of
+      -log sigmoid(z x) (sigmoid).
       Column statistics are the same kernel with X and Y swapped.
   `_bwd_rows_kernel`: one program per (BLOCK_M rows, BLOCK_D features) recomputes the tiles, forms
       G = dLoss/dx (see chunked.py) and accumulates dX = scale * G @ Y; the (R, 2) per-row partial
@@ -78,6 +80,8 @@ def _fwd_rows_kernel(
     D,
     stride_x,
     stride_y,
+    OFFSET,
+    HAS_TARGET: tl.constexpr,
     SOFTMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -121,7 +125,12 @@ def _fwd_rows_kernel(
             acc = acc * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
             m = m_new
         else:
-            acc += tl.sum(tl.where(cmask[None, :], _softplus(x), 0.0), 1)
+            if HAS_TARGET:  # -log sigmoid(z x): z = +1 at the positive (i, i + OFFSET), else -1
+                pos = cols[None, :] == rows[:, None] + OFFSET
+                sp = _softplus(tl.where(pos, -x, x))
+            else:
+                sp = _softplus(x)
+            acc += tl.sum(tl.where(cmask[None, :], sp, 0.0), 1)
     if SOFTMAX:
         out = m + tl.log(acc)
     else:
@@ -147,6 +156,8 @@ def _bwd_rows_kernel(
     stride_x,
     stride_y,
     stride_dx,
+    OFFSET,
+    HAS_TARGET: tl.constexpr,
     SOFTMAX: tl.constexpr,
     HAS_ROW: tl.constexpr,
     HAS_COL: tl.constexpr,
@@ -195,14 +206,23 @@ def _bwd_rows_kernel(
         G = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         if HAS_COL:
             g_c = tl.load(G_C + cols, mask=cmask, other=0.0)  # (BLOCK_N,)
+        if HAS_TARGET:
+            pos = cols[None, :] == rows[:, None] + OFFSET  # (i, i + OFFSET): the positives
         if SOFTMAX:
             if HAS_ROW:
                 G += g_r[:, None] * tl.exp(x - st_r[:, None])
+                if HAS_TARGET:
+                    G -= tl.where(pos, g_r[:, None], 0.0)
             if HAS_COL:
                 st_c = tl.load(STAT_C + cols, mask=cmask, other=0.0)
                 G += g_c[None, :] * tl.exp(x - st_c[None, :])
+                if HAS_TARGET:
+                    G -= tl.where(pos, g_c[None, :], 0.0)
         else:
-            sig = tl.sigmoid(x)
+            if HAS_TARGET:  # d/dx -log sigmoid(z x) = -z sigmoid(-z x), exact at both signs
+                sig = tl.where(pos, -tl.sigmoid(-x), tl.sigmoid(x))
+            else:
+                sig = tl.sigmoid(x)
             if HAS_ROW:
                 G += g_r[:, None] * sig
             if HAS_COL:
