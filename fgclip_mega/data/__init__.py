@@ -1,7 +1,25 @@
 """Data: CLIP tokenizer, zarr shard format, synthetic fine-grained scenes, DALI and PIL loaders.
 
-Kept import-light on purpose: DALI's spawned reader processes import `fgclip_mega.data.source`,
-which must not pull in torch or DALI. Import from the submodules:
+    from fgclip_mega.data import build_loader, Batch
 
-    from fgclip_mega.data.loader import build_loader, Batch
+The public names are imported lazily (PEP 562): DALI's spawned reader processes import
+`fgclip_mega.data.source`, which runs this file and must not pull in torch or DALI.
 """
+
+import importlib
+
+_LAZY = {
+    "Batch": "fgclip_mega.data.batch",
+    "build_loader": "fgclip_mega.data.loader",
+    "DaliLoader": "fgclip_mega.data.loader",
+    "PilLoader": "fgclip_mega.data.pil_loader",
+    "StreamLoader": "fgclip_mega.data.stream",
+    "ensure_synthetic_shards": "fgclip_mega.data.embedded",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
