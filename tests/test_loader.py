@@ -246,3 +246,16 @@ def test_mixed_gpu_decode_matches_cpu(data):
         levels = _levels(x.images, y.images)
         assert levels.mean() <= 1.0 and levels[..., 1:-1, 1:-1].max() <= 8
         assert levels.max() <= 24
+
+
+def test_reader_module_stays_free_of_torch_and_dali():
+    # DALI's spawned reader processes import the source module; torch would cost seconds each.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, fgclip_mega.data.source\n"
+        "print('torch' in sys.modules, 'nvidia' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
