@@ -127,16 +127,17 @@ def probe() -> list[Feature]:
 
 
 def _roi_align_status() -> Feature:
-    try:
-        from kernels.roi_align import library_status  # type: ignore[attr-defined]
-    except Exception as e:  # noqa: BLE001
-        return Feature(
-            "roi_align_ext",
-            False,
-            f"kernels.roi_align unavailable: {e}",
-            "torchvision.ops.roi_align",
-        )
-    ok, detail = library_status()
+    import torch
+
+    from kernels.roi_align import load_library
+
+    st = load_library()
+    want_cuda = torch.cuda.is_available()
+    ok = st.cpu and (st.cuda or not want_cuda)
+    kinds = [k for k, have in (("CPU", st.cpu), ("CUDA", st.cuda)) if have]
+    detail = f"{'+'.join(kinds) or 'none'} kernels from {st.directory}"
+    if st.errors:
+        detail += f" ({'; '.join(st.errors)})"
     return Feature(
         "roi_align_ext",
         ok,
