@@ -1,0 +1,56 @@
+"""Differentiable data-parallel collectives of the global losses.
+
+Every collective goes through `dist.<name>` looked up at call time, so tests can count them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """(size, rank) of the group; a process without torch.distributed is a group of one."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group):
+        # x (b, F) on every rank -> (W * b, F), rank-major.
+        size, _ = group_size_rank(group)
+        ctx.group = group
+        x = x.contiguous()
+        out = x.new_empty((size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_into_tensor(out, x, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Each rank's rows receive the sum over ranks of the gradient they got as columns.
+        size, _ = group_size_rank(ctx.group)
+        grad = grad.contiguous()
+        out = grad.new_empty((grad.shape[0] // size, *grad.shape[1:]))
+        dist.reduce_scatter_tensor(out, grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return out, None
+
+
+def all_gather_with_grad(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """One all-gather forward, one reduce-scatter (sum) backward."""
+    return _AllGather.apply(x, group)
+
+
+def ring_exchange(
+    send: torch.Tensor, recv: torch.Tensor, group: dist.ProcessGroup | None
+) -> list[dist.Work]:
+    """Starts send -> next rank and recv <- previous rank of the group; returns the requests."""
+    size, rank = group_size_rank(group)
+    nxt = dist.get_global_rank(group, (rank + 1) % size) if group is not None else (rank + 1) % size
+    prv = dist.get_global_rank(group, (rank - 1) % size) if group is not None else (rank - 1) % size
+    ops = [
+        dist.P2POp(dist.isend, send, nxt, group),
+        dist.P2POp(dist.irecv, recv, prv, group),
+    ]
+    return dist.batch_isend_irecv(ops)

@@ -1,0 +1,35 @@
+"""The one place that picks the contrastive-loss implementation.
+
+auto: the fused Triton kernels on CUDA, the chunked PyTorch tiles elsewhere. "naive" (the full
+B x B logits, OpenCLIP style) only when asked for. "triton" off CUDA is an error unless the
+Triton interpreter is on (TRITON_INTERPRET=1, how the CPU tests run the kernels).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+
+import torch
+
+_log = logging.getLogger(__name__)
+
+
+def resolve_implementation(name: str, device: torch.device | str) -> str:
+    device = torch.device(device)
+    if name == "auto":
+        if device.type != "cuda":
+            return "chunked"
+        if importlib.util.find_spec("triton") is None:
+            _log.warning("loss.implementation=auto on CUDA without triton: using chunked")
+            return "chunked"
+        return "triton"
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            "loss.implementation=triton needs a CUDA device (or TRITON_INTERPRET=1 set before "
+            "triton is imported, for tests); use auto or chunked on CPU"
+        )
+    if name not in ("triton", "chunked", "naive"):
+        raise ValueError(f"unknown loss.implementation {name!r}")
+    return name

@@ -1,0 +1,282 @@
+"""FG-CLIP loss terms in one process: hand-computed values, float64 gradients, empty sets.
+
+The hand reference is explicit float64 loops over Python lists (no torch, none of our code); the
+gradient reference is float64 autograd through kernels.contrastive.reference (naive full
+logits) and plain torch for the hard-negative term.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fgclip_mega.config import LossConfig
+from fgclip_mega.losses import LossInputs, fgclip_loss, resolve_implementation
+from kernels.contrastive import sigmoid_contrastive_reference, softmax_contrastive_reference
+
+CAP = LossConfig().max_logit_scale  # ln 100
+B, M, N, D = 3, 2, 3, 5
+BOX_VALID = torch.tensor([[True, True], [True, False], [False, False]])
+HARD_VALID = torch.tensor([[True, False], [True, False], [False, False]])  # 2 boxes with negs
+NEG_VALID = torch.tensor([[[True] * N, [True] * N], [[True, True, False], [True] * N],
+                          [[True] * N, [True] * N]])  # fmt: skip
+SCALES = (2.6592, 2.0, 3.0)  # logit_scale, logit_scale_finegraind, logit_scale_hardneg
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)
+    image = r(B, D)
+    return dict(
+        image=image, long_text=image + r(B, D), short_text=image + 1.5 * r(B, D),
+        region=r(B, M, D), phrase=r(B, M, D), hard_negatives=r(B, M, N, D),
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- hand reference
+
+
+def _unit(v):
+    n = math.sqrt(sum(x * x for x in v))
+    return [x / n for x in v]
+
+
+def _dot(u, v):
+    return sum(x * y for x, y in zip(u, v, strict=True))
+
+
+def _hand_infonce(A, Bs, s):
+    A, Bs = [_unit(a) for a in A], [_unit(b) for b in Bs]
+    n = len(A)
+    L = [[s * _dot(A[i], Bs[j]) for j in range(n)] for i in range(n)]
+    row = sum(math.log(sum(math.exp(L[i][j]) for j in range(n))) - L[i][i] for i in range(n)) / n
+    col = sum(math.log(sum(math.exp(L[i][j]) for i in range(n))) - L[j][j] for j in range(n)) / n
+    return 0.5 * (row + col)
+
+
+def _hand_sigmoid(A, Bs, s, t):
+    A, Bs = [_unit(a) for a in A], [_unit(b) for b in Bs]
+    n, total = len(A), 0.0
+    for i in range(n):
+        for j in range(n):
+            z = 1.0 if i == j else -1.0
+            total += math.log(1.0 + math.exp(-z * (s * _dot(A[i], Bs[j]) + t)))
+    return total / n
+
+
+def _hand_fgclip(batch, scales, box_valid, hard_valid, neg_valid, kind="softmax", bias=0.0):
+    s, s_fg, s_h = (math.exp(min(x, CAP)) for x in scales)
+    img, long, short = (batch[k].tolist() for k in ("image", "long_text", "short_text"))
+    if kind == "softmax":
+        parts = {"long": _hand_infonce(img, long, s), "short": _hand_infonce(img, short, s)}
+    else:
+        parts = {"long": _hand_sigmoid(img, long, s, bias),
+                 "short": _hand_sigmoid(img, short, s, bias)}  # fmt: skip
+    regions, phrases, hard = [], [], []
+    for i in range(B):
+        for m in range(M):
+            if not box_valid[i][m]:
+                continue
+            r, p = batch["region"][i][m].tolist(), batch["phrase"][i][m].tolist()
+            regions.append(r)
+            phrases.append(p)
+            if hard_valid[i][m]:
+                negs = [batch["hard_negatives"][i][m][k].tolist() for k in range(N)
+                        if neg_valid[i][m][k]]  # fmt: skip
+                logits = [s_h * _dot(_unit(r), _unit(c)) for c in [p, *negs]]
+                hard.append(math.log(sum(math.exp(x) for x in logits)) - logits[0])
+    parts["region"] = _hand_infonce(regions, phrases, s_fg) if regions else 0.0
+    parts["hard"] = sum(hard) / len(hard) if hard else 0.0
+    parts["loss"] = parts["long"] + parts["short"] + 0.1 * parts["region"] + 0.5 * parts["hard"]
+    return parts
+
+
+# ----------------------------------------------------------------------------- float64 autograd
+
+
+def _torch_ref(t, scales, box_valid, hard_valid, neg_valid):
+    s, s_fg, s_h = (x.clamp(max=CAP).exp() for x in scales)
+    n = lambda x: F.normalize(x, dim=-1)
+    img = n(t["image"])
+    total = softmax_contrastive_reference(img, n(t["long_text"]), s)
+    total = total + softmax_contrastive_reference(img, n(t["short_text"]), s)
+    r, p = n(t["region"][box_valid]), n(t["phrase"][box_valid])
+    total = total + 0.1 * softmax_contrastive_reference(r, p, s_fg)
+    sel = box_valid & hard_valid
+    cand = n(torch.cat([t["phrase"][sel][:, None], t["hard_negatives"][sel]], 1))
+    logits = s_h * (n(t["region"][sel])[:, None] * cand).sum(-1)
+    keep = torch.cat([torch.ones(sel.sum(), 1, dtype=torch.bool), neg_valid[sel]], 1)
+    logits = logits.masked_fill(~keep, float("-inf"))
+    hard = F.cross_entropy(logits, torch.zeros(sel.sum(), dtype=torch.long))
+    return total + 0.5 * hard
+
+
+def _leaves(batch, dtype):
+    return {k: v.to(dtype).requires_grad_() for k, v in batch.items()}
+
+
+def _scales(values, dtype=torch.float32):
+    return [torch.tensor(v, dtype=dtype, requires_grad=True) for v in values]
+
+
+def _our_loss(t, scales, cfg, box_valid=BOX_VALID, hard_valid=HARD_VALID, neg_valid=NEG_VALID,
+              bias=None):  # fmt: skip
+    inputs = LossInputs(**t, box_valid=box_valid, hard_valid=hard_valid,
+                        hard_negative_valid=neg_valid)  # fmt: skip
+    return fgclip_loss(inputs, *scales, cfg, logit_bias=bias)
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton", "naive"])
+def test_total_matches_hand_computed(impl):
+    batch = _batch()
+    out = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), LossConfig(implementation=impl))
+    hand = _hand_fgclip(batch, SCALES, BOX_VALID.tolist(), HARD_VALID.tolist(), NEG_VALID.tolist())
+    for key in ("long", "short", "region", "hard", "loss"):
+        assert out.parts[key].item() == pytest.approx(hand[key], rel=1e-5), key
+    assert out.total.item() == pytest.approx(hand["loss"], rel=1e-5)
+    assert out.parts["region_boxes"].item() == 3 and out.parts["hard_boxes"].item() == 2
+    assert out.parts["scale"].item() == pytest.approx(math.exp(SCALES[0]), rel=1e-6)
+    assert all(not v.requires_grad for v in out.parts.values())
+
+
+def test_sigmoid_total_matches_hand_computed():
+    batch = _batch(1)
+    cfg = LossConfig(kind="sigmoid")
+    bias = torch.tensor(-4.0, requires_grad=True)
+    out = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), cfg, bias=bias)
+    hand = _hand_fgclip(batch, SCALES, BOX_VALID.tolist(), HARD_VALID.tolist(),
+                        NEG_VALID.tolist(), kind="sigmoid", bias=-4.0)  # fmt: skip
+    for key in ("long", "short", "region", "hard", "loss"):
+        assert out.parts[key].item() == pytest.approx(hand[key], rel=1e-5), key
+    out.total.backward()
+    # d/dbias against float64 autograd through the naive SigLIP reference
+    b64 = torch.tensor(-4.0, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(math.exp(SCALES[0]), dtype=torch.float64)
+    img = F.normalize(batch["image"], dim=-1)
+    ref = sum(sigmoid_contrastive_reference(img, F.normalize(batch[k], dim=-1), s, b64)
+              for k in ("long_text", "short_text"))  # fmt: skip
+    ref.backward()
+    assert bias.grad.item() == pytest.approx(b64.grad.item(), rel=1e-5)
+
+
+def test_sigmoid_needs_bias():
+    with pytest.raises(ValueError, match="logit_bias"):
+        _our_loss(_leaves(_batch(), torch.float32), _scales(SCALES), LossConfig(kind="sigmoid"))
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_gradients_match_float64_autograd(impl):
+    batch = _batch(2)
+    ours, scales = _leaves(batch, torch.float32), _scales(SCALES)
+    _our_loss(ours, scales, LossConfig(implementation=impl)).total.backward()
+    ref, ref_scales = _leaves(batch, torch.float64), _scales(SCALES, torch.float64)
+    _torch_ref(ref, ref_scales, BOX_VALID, HARD_VALID, NEG_VALID).backward()
+    for k in ours:
+        err = (ours[k].grad.double() - ref[k].grad).abs().max() / ref[k].grad.abs().max()
+        assert err <= 1e-4, (k, err.item())
+    for name, a, b in zip(("scale", "fg", "hard"), scales, ref_scales, strict=True):
+        assert a.grad.item() == pytest.approx(b.grad.item(), rel=1e-4, abs=1e-7), name
+
+
+def _grads_zero_or_none(*tensors):
+    return all(t.grad is None or not t.grad.any() for t in tensors)
+
+
+def test_empty_region_and_hard_sets_are_zero_with_zero_gradients():
+    # No valid box anywhere (padding filled with NaN, which must not leak), then boxes without
+    # hard negatives, then flat inputs with zero boxes.
+    batch = _batch(3)
+    t = _leaves(batch, torch.float32)
+    with torch.no_grad():
+        t["region"].fill_(float("nan"))
+        t["phrase"].fill_(float("nan"))
+        t["hard_negatives"].fill_(float("nan"))
+    scales = _scales(SCALES)
+    none = torch.zeros(B, M, dtype=torch.bool)
+    out = _our_loss(t, scales, LossConfig(), box_valid=none)
+    assert out.parts["region"].item() == 0.0 and out.parts["hard"].item() == 0.0
+    assert torch.isfinite(out.total)
+    assert out.total.item() == pytest.approx(out.parts["long"].item() + out.parts["short"].item())
+    out.total.backward()
+    assert t["region"].grad is not None
+    assert _grads_zero_or_none(t["region"], t["phrase"], t["hard_negatives"], *scales[1:])
+    assert torch.isfinite(t["image"].grad).all() and t["image"].grad.abs().sum() > 0
+
+    t = _leaves(batch, torch.float32)
+    scales = _scales(SCALES)
+    out = _our_loss(t, scales, LossConfig(), hard_valid=torch.zeros(B, M, dtype=torch.bool))
+    assert out.parts["hard"].item() == 0.0 and out.parts["hard_boxes"].item() == 0
+    assert out.parts["region"].item() > 0
+    out.total.backward()
+    assert _grads_zero_or_none(t["hard_negatives"], scales[2])
+    assert t["region"].grad.abs().sum() > 0
+
+    flat = dict(image=batch["image"].float(), long_text=batch["long_text"].float(),
+                region=torch.zeros(0, D, requires_grad=True),
+                phrase=torch.zeros(0, D, requires_grad=True),
+                hard_negatives=torch.zeros(0, N, D, requires_grad=True))  # fmt: skip
+    out = fgclip_loss(LossInputs(**flat), *_scales(SCALES), LossConfig())
+    assert out.parts["region"].item() == 0.0 and out.parts["hard"].item() == 0.0
+    out.total.backward()
+    assert _grads_zero_or_none(flat["region"], flat["phrase"], flat["hard_negatives"])
+
+
+def test_box_counts_equal_mask():
+    batch = _batch(4)
+    a = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), LossConfig())
+    b = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), LossConfig(),
+                  box_valid=torch.tensor([2, 1, 0]))  # fmt: skip
+    for key in ("region", "hard", "loss"):
+        assert a.parts[key].item() == pytest.approx(b.parts[key].item(), rel=1e-6)
+
+
+def test_logit_scales_clamped_and_frozen():
+    batch = _batch(5)
+    scales = _scales((5.0, 4.0, 7.0))  # above ln 100 except the fine-grained one
+    out = _our_loss(_leaves(batch, torch.float32), scales, LossConfig())
+    cap = math.exp(LossConfig().max_logit_scale)  # ~100
+    assert out.parts["scale"].item() == pytest.approx(cap, rel=1e-6)
+    assert out.parts["scale_hardneg"].item() == pytest.approx(cap, rel=1e-6)
+    assert out.parts["scale_finegraind"].item() == pytest.approx(math.exp(4.0), rel=1e-6)
+    out.total.backward()
+    assert scales[0].grad.item() == 0.0 and scales[2].grad.item() == 0.0  # CLIP's clamp
+    assert scales[1].grad.item() != 0.0
+
+    scales = _scales(SCALES)
+    out = _our_loss(_leaves(batch, torch.float32), scales, LossConfig(learn_temperatures=False))
+    out.total.backward()
+    assert all(s.grad is None for s in scales)
+
+
+def test_stage1_terms_only_and_weights():
+    batch = _batch(6)
+    cfg = LossConfig(long_weight=0.3, short_weight=2.0)
+    inputs = LossInputs(image=batch["image"].float(), long_text=batch["long_text"].float(),
+                        short_text=batch["short_text"].float())  # fmt: skip
+    out = fgclip_loss(inputs, torch.tensor(SCALES[0]), None, None, cfg)
+    assert set(out.parts) == {"long", "short", "scale", "loss"}
+    assert out.total.item() == pytest.approx(
+        0.3 * out.parts["long"].item() + 2.0 * out.parts["short"].item(), rel=1e-6
+    )
+    with pytest.raises(ValueError, match="no loss term"):
+        fgclip_loss(LossInputs(image=batch["image"].float()), torch.tensor(1.0), None, None, cfg)
+
+
+def test_dispatch(monkeypatch):
+    assert resolve_implementation("auto", "cpu") == "chunked"
+    assert resolve_implementation("naive", "cpu") == "naive"
+    assert resolve_implementation("chunked", "cpu") == "chunked"
+    assert resolve_implementation("triton", "cpu") == "triton"  # conftest: TRITON_INTERPRET=1
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        resolve_implementation("triton", "cpu")
+    with pytest.raises(ValueError):
+        resolve_implementation("fast", "cpu")
+
+
+@pytest.mark.gpu
+def test_dispatch_picks_triton_on_cuda():
+    assert resolve_implementation("auto", "cuda") == "triton"
