@@ -117,6 +117,13 @@ def _dist_checks(impls: list[str]) -> dict:
     data, valid = _global_data(W)
     rows = slice(r * B_LOCAL, (r + 1) * B_LOCAL)
     report = {}
+    x = torch.randn(B_LOCAL, D)
+    try:  # the data-parallel group must be explicit once there is more than one process
+        fgclip_loss(LossInputs(image=x, long_text=x), torch.tensor(1.0), None, None, LossConfig())
+    except ValueError as e:
+        assert "data-parallel process group" in str(e)
+    else:
+        raise AssertionError("group=None was accepted in a world of several processes")
     for kind in ("softmax", "sigmoid"):
         for gather in ("allgather", "ring"):
             for impl in impls:

@@ -10,8 +10,16 @@ import torch.distributed as dist
 
 
 def group_size_rank(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    """(size, rank) of the group; a process without torch.distributed is a group of one."""
+    """(size, rank) of the data-parallel group; a process without torch.distributed is alone.
+
+    group None is only accepted in a world of one: with tensor parallelism the data-parallel
+    group is not the world, so the caller must pass it.
+    """
     if not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    if group is None:
+        if dist.get_world_size() > 1:
+            raise ValueError("pass the data-parallel process group (group=None is ambiguous)")
         return 1, 0
     return dist.get_world_size(group), dist.get_rank(group)
 
@@ -47,8 +55,8 @@ def ring_exchange(
 ) -> list[dist.Work]:
     """Starts send -> next rank and recv <- previous rank of the group; returns the requests."""
     size, rank = group_size_rank(group)
-    nxt = dist.get_global_rank(group, (rank + 1) % size) if group is not None else (rank + 1) % size
-    prv = dist.get_global_rank(group, (rank - 1) % size) if group is not None else (rank - 1) % size
+    nxt = dist.get_global_rank(group, (rank + 1) % size)
+    prv = dist.get_global_rank(group, (rank - 1) % size)
     ops = [
         dist.P2POp(dist.isend, send, nxt, group),
         dist.P2POp(dist.irecv, recv, prv, group),

@@ -92,7 +92,8 @@ class _RingStats(torch.autograd.Function):
         ds = torch.zeros((), device=block.device)
         dt = torch.zeros((), device=block.device)
         cur = block.detach().contiguous()
-        acc_in, acc_reqs, sent = None, [], []
+        # (requests, send buffer) of the gradient in flight: the buffer must outlive the send.
+        acc_in, acc_pending = None, ([], None)
         for step in range(size):
             reqs = []
             if step < size - 1:
@@ -113,15 +114,14 @@ class _RingStats(torch.autograd.Function):
                 ds += s_
                 dt += t_
             if step > 0:
-                _wait(acc_reqs)  # partial gradient of this block from the ranks before
+                _wait(acc_pending[0])  # partial gradient of this block from the ranks before
                 contrib += acc_in
             acc_in = torch.empty_like(contrib)
-            acc_reqs = ring_exchange(contrib, acc_in, spec.group)
-            sent.append(contrib)  # keep the send buffer alive until its request is done
+            acc_pending = (ring_exchange(contrib, acc_in, spec.group), contrib)
             _wait(reqs)
             if reqs:
                 cur = nxt
-        _wait(acc_reqs)  # this rank's own block, with every rank's contribution
+        _wait(acc_pending[0])  # this rank's own block, with every rank's contribution
         d_block = acc_in.to(block.dtype)
         return (
             None,
