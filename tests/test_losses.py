@@ -280,3 +280,42 @@ def test_dispatch(monkeypatch):
 @pytest.mark.gpu
 def test_dispatch_picks_triton_on_cuda():
     assert resolve_implementation("auto", "cuda") == "triton"
+
+
+def test_callable_with_preselected_boxes_equals_masked_form():
+    # The training loop's layout: flat valid boxes, and the hard boxes with [positive, negatives]
+    # stacked (fgclip_mega.train.step.StepEmbeddings), through FGCLIPLoss.
+    from types import SimpleNamespace
+
+    from fgclip_mega.losses import FGCLIPLoss
+
+    batch = _batch(7)
+    f = {k: v.float() for k, v in batch.items()}
+    sel = BOX_VALID & HARD_VALID
+    hard_text = torch.cat([f["phrase"][sel][:, None], f["hard_negatives"][sel]], 1)
+    emb = SimpleNamespace(
+        image=f["image"], long_text=f["long_text"], short_text=f["short_text"],
+        region=f["region"][BOX_VALID], region_text=f["phrase"][BOX_VALID],
+        hard_region=f["region"][sel], hard_text=hard_text,
+    )  # fmt: skip
+    # All negatives valid here: the stacked layout carries no per-negative mask.
+    all_negs = torch.ones_like(NEG_VALID)
+    want = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), LossConfig(),
+                     neg_valid=all_negs)  # fmt: skip
+    total, parts = FGCLIPLoss(LossConfig(), dp_group=None)(emb, *_scales(SCALES))
+    for key in ("long", "short", "region", "hard", "loss"):
+        assert parts[key].item() == pytest.approx(want.parts[key].item(), rel=1e-6), key
+    assert total.item() == pytest.approx(want.total.item(), rel=1e-6)
+
+    empty = SimpleNamespace(
+        image=f["image"], long_text=f["long_text"], short_text=f["short_text"],
+        region=torch.zeros(0, D, requires_grad=True),
+        region_text=torch.zeros(0, D, requires_grad=True),
+        hard_region=torch.zeros(0, D, requires_grad=True),
+        hard_text=torch.zeros(0, 1 + N, D, requires_grad=True),
+    )  # fmt: skip
+    total, parts = FGCLIPLoss(LossConfig())(empty, *_scales(SCALES))
+    assert parts["region"].item() == 0.0 and parts["hard"].item() == 0.0
+    total.backward()
+    assert torch.isfinite(total)
+    assert _grads_zero_or_none(empty.region, empty.region_text, empty.hard_region, empty.hard_text)

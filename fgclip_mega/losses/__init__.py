@@ -2,6 +2,7 @@
 
 from fgclip_mega.losses.dispatch import resolve_implementation
 from fgclip_mega.losses.fgclip import (
+    FGCLIPLoss,
     LossInputs,
     LossOutput,
     fgclip_loss,
@@ -12,6 +13,7 @@ from fgclip_mega.losses.global_loss import global_contrastive_losses
 from fgclip_mega.losses.scales import logit_scale_to_scale
 
 __all__ = [
+    "FGCLIPLoss",
     "LossInputs",
     "LossOutput",
     "fgclip_loss",

@@ -43,7 +43,11 @@ class LossInputs:
     hard_valid: torch.Tensor | None = None
     """(b, M) or (K,) bool: the box has hard negatives; None = every valid box has them."""
     hard_negative_valid: torch.Tensor | None = None
-    """(b, M, N) or (K, N) bool: which negatives are real; None = all N."""
+    """(b, M, N), (K, N) or (H, N) bool: which negatives are real; None = all N."""
+    hard_region: torch.Tensor | None = None
+    """(H, D) region embeddings of just the boxes with hard negatives (instead of the masks)."""
+    hard_text: torch.Tensor | None = None
+    """(H, 1 + N, D) for `hard_region`: the positive phrase at index 0, then N negatives."""
 
 
 @dataclass
@@ -172,27 +176,70 @@ def fgclip_loss(
         parts["region_boxes"] = torch.tensor(float(k))
         add("region", cfg.region_weight, value)
 
-        if inputs.hard_negatives is not None:
-            if logit_scale_hardneg is None:
-                raise ValueError("hard negatives need logit_scale_hardneg")
-            scale_h = logit_scale_to_scale(logit_scale_hardneg, cfg.max_logit_scale, learn)
-            parts["scale_hardneg"] = scale_h.detach()
+    if inputs.hard_text is not None or inputs.hard_negatives is not None:
+        if logit_scale_hardneg is None:
+            raise ValueError("hard negatives need logit_scale_hardneg")
+        scale_h = logit_scale_to_scale(logit_scale_hardneg, cfg.max_logit_scale, learn)
+        parts["scale_hardneg"] = scale_h.detach()
+        if inputs.hard_text is not None:  # boxes already selected, candidates side by side
+            if inputs.hard_region is None:
+                raise ValueError("hard_text needs hard_region")
+            value, k = hard_negative_loss(
+                inputs.hard_region, inputs.hard_text[:, 0], inputs.hard_text[:, 1:], scale_h,
+                None, inputs.hard_negative_valid,
+            )  # fmt: skip
+        else:
+            if inputs.region is None or inputs.phrase is None:
+                raise ValueError("hard_negatives need region and phrase embeddings")
             lead = tuple(inputs.region.shape[:-1])
             mask = _box_mask(inputs.box_valid, lead, inputs.region.device)
             if inputs.hard_valid is not None:
                 mask = mask & inputs.hard_valid
             value, k = hard_negative_loss(
-                inputs.region,
-                inputs.phrase,
-                inputs.hard_negatives,
-                scale_h,
-                mask,
+                inputs.region, inputs.phrase, inputs.hard_negatives, scale_h, mask,
                 inputs.hard_negative_valid,
-            )
-            parts["hard_boxes"] = torch.tensor(float(k))
-            add("hard", cfg.hard_weight, value)
+            )  # fmt: skip
+        parts["hard_boxes"] = torch.tensor(float(k))
+        add("hard", cfg.hard_weight, value)
 
     if total is None:
         raise ValueError("no loss term has inputs")
     parts["loss"] = total.detach()
     return LossOutput(total, parts)
+
+
+class FGCLIPLoss:
+    """`fgclip_loss` with the config and the data-parallel group bound, for the training loop.
+
+    Takes LossInputs or any object with the fields image, long_text, short_text and optionally
+    region, region_text (phrases), hard_region, hard_text (the trainer's StepEmbeddings).
+    Returns (total, parts) as in LossOutput.
+    """
+
+    def __init__(self, cfg: LossConfig, dp_group=None):
+        self.cfg = cfg
+        self.dp_group = dp_group
+
+    def __call__(
+        self,
+        emb,
+        logit_scale: torch.Tensor,
+        logit_scale_region: torch.Tensor | None = None,
+        logit_scale_hard: torch.Tensor | None = None,
+        logit_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not isinstance(emb, LossInputs):
+            emb = LossInputs(
+                image=emb.image,
+                long_text=emb.long_text,
+                short_text=emb.short_text,
+                region=getattr(emb, "region", None),
+                phrase=getattr(emb, "region_text", None),
+                hard_region=getattr(emb, "hard_region", None),
+                hard_text=getattr(emb, "hard_text", None),
+            )
+        out = fgclip_loss(
+            emb, logit_scale, logit_scale_region, logit_scale_hard, self.cfg, self.dp_group,
+            logit_bias,
+        )  # fmt: skip
+        return out.total, out.parts
