@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import pickle
 import queue
 import socket
 import time
@@ -40,7 +41,9 @@ def _worker(fn, args, rank, world_size, port, threads, results) -> None:
 
         torch.set_num_threads(threads)
         value = fn(*args)
-        results.put((rank, "ok", value))
+        # Plain pickle bytes: tensors sent as-is would travel through shared memory that
+        # disappears when this process exits before the parent has read them.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -105,4 +108,4 @@ def run_distributed(
     missing = sorted(set(range(world_size)) - set(outcome))
     if missing:
         raise AssertionError(f"rank(s) {missing} did not finish within {timeout:.0f} s (hang?)")
-    return [outcome[r][1] for r in range(world_size)]
+    return [pickle.loads(outcome[r][1]) for r in range(world_size)]

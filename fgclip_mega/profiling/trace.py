@@ -23,8 +23,9 @@ def maybe_torch_profiler(output_dir: Path | None, wait: int = 1, warmup: int = 1
     def on_trace_ready(prof):
         prof.export_chrome_trace(str(output_dir / f"trace_step{prof.step_num}.json"))
         sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-        (output_dir / "top_ops.txt").write_text(prof.key_averages().table(sort_by=sort,
-                                                                          row_limit=40))
+        (output_dir / "top_ops.txt").write_text(
+            prof.key_averages().table(sort_by=sort, row_limit=40)
+        )
 
     with torch.profiler.profile(
         activities=activities,

@@ -97,8 +97,13 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def save_checkpoint(
-    root: Path, step: int, rank: int, layout: Layout, payload: dict[str, Any],
-    config: dict[str, Any], keep_last: int,
+    root: Path,
+    step: int,
+    rank: int,
+    layout: Layout,
+    payload: dict[str, Any],
+    config: dict[str, Any],
+    keep_last: int,
 ) -> Path:
     """Collective: every rank calls it with its own payload."""
     root = Path(root)

@@ -41,7 +41,12 @@ class MetricsLogger:
         parts = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "lr")
         log.info(
             "step %d/%d %s lr=%.2e | %.1f samples/s | %.2f s/step | ETA %s",
-            step, self.total_steps, parts, values.get("lr", 0.0), rate, per_step,
+            step,
+            self.total_steps,
+            parts,
+            values.get("lr", 0.0),
+            rate,
+            per_step,
             time.strftime("%H:%M:%S", time.gmtime(max(eta, 0))),
         )
         self._last_t, self._last_samples = now, self._samples

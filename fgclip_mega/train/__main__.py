@@ -1,0 +1,44 @@
+"""python -m fgclip_mega.train [--preset NAME] [--config FILE.yaml] [key.sub=value ...]"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from fgclip_mega.config import PRESETS, ConfigError, load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fgclip_mega.train", description=__doc__)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--config", help="YAML file of overrides")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value pairs, applied last")
+    args = parser.parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # megatron-core logs every parameter name and its full optimizer config at INFO.
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    try:
+        cfg = load_config(args.preset, args.config, args.overrides)
+    except ConfigError as e:
+        parser.error(str(e))
+    from fgclip_mega.train.loop import train
+
+    result = train(cfg)
+    if rank == 0:
+        last = result.losses[-1] if result.losses else {}
+        print(
+            json.dumps({"steps": result.last_step, "final": last, "checkpoint": result.checkpoint})
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

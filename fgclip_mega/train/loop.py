@@ -1,0 +1,214 @@
+"""The FG-CLIP training loop: model, DDP, optimizer, loader, losses, checkpoints, logs.
+
+    python -m fgclip_mega.train --preset tiny train.steps=100          # one process (CPU or GPU)
+    torchrun --nproc-per-node 8 -m fgclip_mega.train --preset fgclip_vit_b16 \
+        parallel.tensor_parallel_size=2 data.shards=/data/index.json
+
+Every rank of a tensor-parallel group reads the same micro-batch (the loader is keyed on the
+data-parallel rank); the global losses gather features over the data-parallel group only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fgclip_mega.config import Config
+from fgclip_mega.data import build_loader
+from fgclip_mega.losses import FGCLIPLoss
+from fgclip_mega.models import FGCLIPModel
+from fgclip_mega.parallel import ParallelState, destroy_parallel, init_parallel
+from fgclip_mega.parallel.wrap import build_optimizer, wrap_data_parallel
+from fgclip_mega.profiling import PhaseTimer
+from fgclip_mega.train import checkpointing as ckpt
+from fgclip_mega.train.metrics import MetricsLogger
+from fgclip_mega.train.step import forward_embeddings
+
+log = logging.getLogger("fgclip_mega.train")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    """Optimizer steps taken in this call (after any resume)."""
+    last_step: int
+    """Global step reached."""
+    losses: list[dict[str, float]]
+    """Per-step loss parts, in order (every rank gets the same values)."""
+    checkpoint: str
+    """Directory of the last checkpoint written ('' when none)."""
+
+
+def _autocast(cfg: Config, device: torch.device):
+    dtype = _DTYPES[cfg.precision.compute_dtype]
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _clamp_scales(model: FGCLIPModel, max_value: float) -> None:
+    # As in CLIP/open_clip: keep every temperature in [0, ln 100] after each update.
+    with torch.no_grad():
+        for p in (model.logit_scale, model.logit_scale_finegraind, model.logit_scale_hardneg):
+            p.clamp_(0.0, max_value)
+
+
+def _layout(state: ParallelState) -> ckpt.Layout:
+    return ckpt.Layout(world_size=state.world_size, tp_size=state.tp_size, dp_size=state.dp_size)
+
+
+def train(cfg: Config, keep_process_groups: bool = False) -> TrainResult:
+    cfg.validate()
+    state = init_parallel(cfg.parallel, seed=cfg.train.seed)
+    try:
+        return _train(cfg, state)
+    finally:
+        if not keep_process_groups:
+            destroy_parallel()
+
+
+def _train(cfg: Config, state: ParallelState) -> TrainResult:
+    cfg.validate(world_size=state.world_size)
+    out_dir = Path(cfg.train.output_dir)
+    rank0 = state.rank == 0
+    device = state.device
+    if cfg.train.device == "cuda" and device.type != "cuda":
+        raise RuntimeError("train.device=cuda but no CUDA device is available")
+    regional = cfg.train.stage == "regional"
+    if cfg.loss.kind == "sigmoid":
+        # The losses support SigLIP, but the model has no learnable logit bias yet.
+        raise NotImplementedError("loss.kind=sigmoid: training a SigLIP logit bias is not built")
+    log.info(
+        "world %d = TP %d x DP %d on %s; stage %s; %d steps",
+        state.world_size,
+        state.tp_size,
+        state.dp_size,
+        device,
+        cfg.train.stage,
+        cfg.train.steps,
+    )
+
+    # Same global seed on every rank before building: replicated weights must match over TP.
+    torch.manual_seed(cfg.train.seed)
+    model = FGCLIPModel(
+        cfg.model,
+        cfg.parallel,
+        params_dtype=_DTYPES[cfg.precision.params_dtype],
+        compute_dtype=_DTYPES[cfg.precision.compute_dtype],
+        device=device,
+    )
+    if cfg.checkpoint.init_from:
+        from fgclip_mega.checkpoint import import_hf_state_dict
+
+        report = import_hf_state_dict(model, cfg.checkpoint.init_from)
+        log.info(
+            "initialised from %s (derived: %s)", cfg.checkpoint.init_from, report.get("derived")
+        )
+    if regional:
+        model.init_stage2_scales()
+
+    ddp = wrap_data_parallel(model, cfg.parallel, cfg.precision)
+    optimizer, scheduler = build_optimizer(
+        ddp, cfg.optim, cfg.parallel, cfg.precision, total_steps=cfg.train.steps
+    )
+    loader = build_loader(
+        cfg.data,
+        cfg.model.vision.image_size,
+        cfg.model.text.short_context,
+        cfg.model.text.long_context,
+        dp_rank=state.dp_rank,
+        dp_size=state.dp_size,
+        device=device,
+    )
+    loss_fn = FGCLIPLoss(cfg.loss, dp_group=state.dp_group)
+
+    step = 0
+    ckpt_root = out_dir / "checkpoints"
+    resume_from = ckpt.find_latest(Path(cfg.checkpoint.load)) if cfg.checkpoint.load else None
+    if cfg.checkpoint.load and resume_from is None:
+        raise ckpt.CheckpointError(f"checkpoint.load={cfg.checkpoint.load}: no complete checkpoint")
+    if resume_from is None:
+        resume_from = ckpt.find_latest(ckpt_root)  # auto-resume an interrupted run
+    if resume_from is not None:
+        step, payload = ckpt.load_checkpoint(resume_from, state.rank, _layout(state))
+        model.load_state_dict(payload["model"])
+        ckpt.load_optimizer_state(optimizer, payload["optimizer"])
+        scheduler.load_state_dict(payload["scheduler"])
+        loader.load_state_dict(payload["loader"])
+        ckpt.load_rng_state(payload["rng"])
+        log.info("resumed from %s at step %d", resume_from, step)
+
+    metrics = MetricsLogger(out_dir, cfg.train.steps, enabled=rank0)
+    timer = PhaseTimer()
+    losses: list[dict[str, float]] = []
+    first_step, last_ckpt = step, ""
+
+    def save(at_step: int) -> str:
+        payload = {
+            "model": model.state_dict(),
+            "optimizer": ckpt.optimizer_state(optimizer),
+            "scheduler": scheduler.state_dict(),
+            "loader": loader.state_dict(),
+            "rng": ckpt.rng_state(),
+        }
+        path = ckpt.save_checkpoint(
+            ckpt_root,
+            at_step,
+            state.rank,
+            _layout(state),
+            payload,
+            cfg.to_dict(),
+            cfg.checkpoint.keep_last,
+        )
+        log.info("saved checkpoint %s", path)
+        return str(path)
+
+    while step < cfg.train.steps:
+        with timer.phase("data"):
+            batch = next(loader).to(device)
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        with timer.phase("forward"), _autocast(cfg, device):
+            emb = forward_embeddings(model, batch, regional)
+            total, parts = loss_fn(
+                emb,
+                logit_scale=model.logit_scale,
+                logit_scale_region=model.logit_scale_finegraind,
+                logit_scale_hard=model.logit_scale_hardneg,
+            )
+        with timer.phase("backward"):
+            total.backward()
+            ddp.finish_grad_sync()
+        with timer.phase("optimizer"):
+            ok, grad_norm, _ = optimizer.step()
+            scheduler.step(1)
+            _clamp_scales(model, cfg.loss.max_logit_scale)
+        if not ok:
+            raise FloatingPointError(f"step {step}: optimizer step skipped (non-finite gradients)")
+        step += 1
+        metrics.add_samples(len(batch) * state.dp_size)
+        values = {k: float(v) for k, v in parts.items()}
+        values["loss"] = float(total.detach())
+        values["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
+        values["lr"] = optimizer.param_groups[0]["lr"]
+        losses.append(values)
+        if step % cfg.train.log_interval == 0 or step == cfg.train.steps or step == first_step + 1:
+            metrics.log(step, values, first_step)
+        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
+            last_ckpt = save(step)
+
+    if not last_ckpt.endswith(f"{step:08d}") and step > first_step:
+        last_ckpt = save(step)
+    loader.close()
+    if rank0:
+        plot = metrics.plot()
+        log.info("phase ms/step: %s", {k: round(v, 1) for k, v in timer.summary_ms().items()})
+        if plot:
+            log.info("loss curves: %s", plot)
+    return TrainResult(step - first_step, step, losses, last_ckpt)
