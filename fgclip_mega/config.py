@@ -138,6 +138,8 @@ class DataConfig:
     """Seed of the per-epoch shard and sample shuffle."""
     synthetic_num_samples: int = 256
     """Images generated for the embedded synthetic dataset when `shards` is empty."""
+    eval_shards: str = ""
+    """Held-out shard index for evaluation; empty = a synthetic set with another seed."""
     synthetic_dir: str = "runs/synthetic_data"
     """Cache directory of the embedded synthetic shards (built once, shared by all ranks)."""
     read_block_size: int = 256
@@ -210,6 +212,10 @@ class TrainConfig:
     """Training device; auto = CUDA when available."""
     output_dir: str = "runs/default"
     """Where logs, plots and checkpoints go."""
+    eval_batches: int = 8
+    """Held-out micro-batches per evaluation (retrieval, hard-negative accuracy); 0 disables."""
+    eval_interval: int = 0
+    """Steps between evaluations; 0 evaluates once, at the end."""
 
 
 @dataclass

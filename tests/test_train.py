@@ -67,7 +67,8 @@ def _resume_checks(tmp: str) -> dict:
         "resumed_params": _params(cut, 4),
         "start_params": _params(tmp / "full", 2),
         "errors": errors,
-        "metrics_steps": [m["step"] for m in metrics],
+        "metrics_steps": [m["step"] for m in metrics if "eval" not in m],
+        "evals": [m for m in metrics if "eval" in m],
         "plot": (tmp / "full" / "loss.png").is_file(),
     }
 
@@ -90,6 +91,10 @@ def test_resume_is_exact_and_incomplete_checkpoints_are_ignored(tmp_path):
     assert "tp=2" in res["errors"]["layout"] and "tp=1" in res["errors"]["layout"]
     assert "incomplete" in res["errors"]["partial"]
     assert res["metrics_steps"] == [1, 2, 3, 4] and res["plot"]
+    (final_eval,) = res["evals"]
+    assert final_eval["step"] == 4
+    for name in ("i2t_long_r1", "t2i_short_r1", "region_r1", "hard_neg_acc"):
+        assert 0.0 <= final_eval["eval"][name] <= 1.0, name
 
 
 def _train_losses(tmp: str, tp: int, steps: int) -> list[dict]:

@@ -15,6 +15,8 @@ Public entry point for the trainer: `build_loader(cfg.data, image_size=..., ...)
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import torch
 
@@ -187,9 +189,16 @@ class DaliLoader(StreamLoader):
         super()._restart(position)
 
     def close(self) -> None:
-        # Dropping the iterator and pipeline stops DALI's threads and reader processes.
+        # Dropping the iterator and pipeline stops DALI's threads and reader processes, but only
+        # when they are collected: the pipeline sits in reference cycles, and a worker pool torn
+        # down later by a random GC pass, while another loader's pool runs, made that pool fail
+        # ("Worker data receiving interrupted", seen when a run evaluates and then resumes).
+        # Collect now so the teardown happens here, deterministically.
+        had_pipe = self._pipe is not None
         self._iter = None
         self._pipe = None
+        if had_pipe:
+            gc.collect()
 
 
 def build_loader(

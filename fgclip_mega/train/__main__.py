@@ -34,9 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     result = train(cfg)
     if rank == 0:
         last = result.losses[-1] if result.losses else {}
-        print(
-            json.dumps({"steps": result.last_step, "final": last, "checkpoint": result.checkpoint})
-        )
+        evals = result.evals[-1] if result.evals else {}
+        summary = {
+            "steps": result.last_step,
+            "final": last,
+            "eval": evals,
+            "checkpoint": result.checkpoint,
+        }
+        print(json.dumps(summary))
     return 0
 
 

@@ -11,6 +11,7 @@ data-parallel rank); the global losses gather features over the data-parallel gr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ class TrainResult:
     """Per-step loss parts, in order (every rank gets the same values)."""
     checkpoint: str
     """Directory of the last checkpoint written ('' when none)."""
+    evals: list[dict[str, float]]
+    """Held-out metrics, one dict per evaluation (with its step)."""
 
 
 def _autocast(cfg: Config, device: torch.device):
@@ -128,6 +131,34 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
     )
     loss_fn = FGCLIPLoss(cfg.loss, dp_group=state.dp_group)
 
+    def run_eval(at_step: int) -> dict[str, float]:
+        from fgclip_mega.eval import evaluate
+
+        data = cfg.data
+        eval_data = dataclasses.replace(
+            data,
+            shards=data.eval_shards,
+            synthetic_dir=f"{data.synthetic_dir}_eval",
+            synthetic_num_samples=max(1, data.synthetic_num_samples // 4),
+            seed=data.seed + 1,
+        )
+        eval_loader = build_loader(
+            eval_data,
+            cfg.model.vision.image_size,
+            cfg.model.text.short_context,
+            cfg.model.text.long_context,
+            dp_rank=state.dp_rank,
+            dp_size=state.dp_size,
+            device=device,
+        )
+        try:
+            with _autocast(cfg, device):
+                result = evaluate(model, eval_loader, cfg.train.eval_batches, state.dp_group)
+        finally:
+            eval_loader.close()
+        metrics.log_eval(at_step, result)
+        return result
+
     step = 0
     ckpt_root = out_dir / "checkpoints"
     resume_from = ckpt.find_latest(Path(cfg.checkpoint.load)) if cfg.checkpoint.load else None
@@ -148,6 +179,7 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
     timer = PhaseTimer()
     losses: list[dict[str, float]] = []
     first_step, last_ckpt = step, ""
+    evals: list[dict[str, float]] = []
 
     def save(at_step: int) -> str:
         payload = {
@@ -202,13 +234,21 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
             metrics.log(step, values, first_step)
         if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
             last_ckpt = save(step)
+        if (
+            cfg.train.eval_batches
+            and cfg.train.eval_interval
+            and (step % cfg.train.eval_interval == 0 and step < cfg.train.steps)
+        ):
+            evals.append({"step": step, **run_eval(step)})
 
     if not last_ckpt.endswith(f"{step:08d}") and step > first_step:
         last_ckpt = save(step)
     loader.close()
+    if cfg.train.eval_batches:
+        evals.append({"step": step, **run_eval(step)})
     if rank0:
         plot = metrics.plot()
         log.info("phase ms/step: %s", {k: round(v, 1) for k, v in timer.summary_ms().items()})
         if plot:
             log.info("loss curves: %s", plot)
-    return TrainResult(step - first_step, step, losses, last_ckpt)
+    return TrainResult(step - first_step, step, losses, last_ckpt, evals)

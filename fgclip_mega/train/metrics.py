@@ -51,6 +51,13 @@ class MetricsLogger:
         )
         self._last_t, self._last_samples = now, self._samples
 
+    def log_eval(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as fh:
+            fh.write(json.dumps({"step": step, "eval": values}) + "\n")
+        log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in values.items()))
+
     def plot(self, path: Path | None = None) -> Path | None:
         if not self.enabled or not self.records:
             return None
