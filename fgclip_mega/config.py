@@ -216,6 +216,8 @@ class TrainConfig:
     """Held-out micro-batches per evaluation (retrieval, hard-negative accuracy); 0 disables."""
     eval_interval: int = 0
     """Steps between evaluations; 0 evaluates once, at the end."""
+    profile_dir: str = ""
+    """Write a torch.profiler Chrome trace of a few early steps (rank 0) here; empty = off."""
 
 
 @dataclass

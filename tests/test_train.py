@@ -39,7 +39,15 @@ def _resume_checks(tmp: str) -> dict:
 
     tmp = Path(tmp)
     data = tmp / "data"
-    full = train(_cfg(tmp / "full", data, 4, checkpoint__save_interval=2))
+    full = train(
+        _cfg(
+            tmp / "full",
+            data,
+            4,
+            checkpoint__save_interval=2,
+            train__profile_dir=str(tmp / "trace"),
+        )
+    )
     # Interrupted run: steps 1-2 and a checkpoint, then a crash mid-save of step 4.
     cut = tmp / "cut"
     train(_cfg(cut, data, 4, checkpoint__save_interval=2))
@@ -70,6 +78,7 @@ def _resume_checks(tmp: str) -> dict:
         "metrics_steps": [m["step"] for m in metrics if "eval" not in m],
         "evals": [m for m in metrics if "eval" in m],
         "plot": (tmp / "full" / "loss.png").is_file(),
+        "trace": sorted(p.name for p in (tmp / "trace").iterdir()),
     }
 
 
@@ -91,6 +100,7 @@ def test_resume_is_exact_and_incomplete_checkpoints_are_ignored(tmp_path):
     assert "tp=2" in res["errors"]["layout"] and "tp=1" in res["errors"]["layout"]
     assert "incomplete" in res["errors"]["partial"]
     assert res["metrics_steps"] == [1, 2, 3, 4] and res["plot"]
+    assert "top_ops.txt" in res["trace"] and any(n.endswith(".json") for n in res["trace"])
     (final_eval,) = res["evals"]
     assert final_eval["step"] == 4
     for name in ("i2t_long_r1", "t2i_short_r1", "region_r1", "hard_neg_acc"):

@@ -25,7 +25,7 @@ from fgclip_mega.losses import FGCLIPLoss
 from fgclip_mega.models import FGCLIPModel
 from fgclip_mega.parallel import ParallelState, destroy_parallel, init_parallel
 from fgclip_mega.parallel.wrap import build_optimizer, wrap_data_parallel
-from fgclip_mega.profiling import PhaseTimer
+from fgclip_mega.profiling import PhaseTimer, maybe_torch_profiler
 from fgclip_mega.train import checkpointing as ckpt
 from fgclip_mega.train.metrics import MetricsLogger
 from fgclip_mega.train.step import forward_embeddings
@@ -139,7 +139,8 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
             data,
             shards=data.eval_shards,
             synthetic_dir=f"{data.synthetic_dir}_eval",
-            synthetic_num_samples=max(1, data.synthetic_num_samples // 4),
+            # Exactly the evaluated samples: each appears once, so retrieval has one true match.
+            synthetic_num_samples=cfg.train.eval_batches * data.micro_batch_size * state.dp_size,
             seed=data.seed + 1,
         )
         eval_loader = build_loader(
@@ -151,9 +152,14 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
             dp_size=state.dp_size,
             device=device,
         )
+        # One pass at most: the loader is endless and would repeat samples.
+        per_pass = eval_loader.shards.num_samples // (data.micro_batch_size * state.dp_size)
+        batches = min(cfg.train.eval_batches, per_pass)
+        if batches < 1:
+            raise ValueError("data.eval_shards holds fewer samples than one global batch")
         try:
             with _autocast(cfg, device):
-                result = evaluate(model, eval_loader, cfg.train.eval_batches, state.dp_group)
+                result = evaluate(model, eval_loader, batches, state.dp_group)
         finally:
             eval_loader.close()
         metrics.log_eval(at_step, result)
@@ -201,9 +207,7 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
         log.info("saved checkpoint %s", path)
         return str(path)
 
-    while step < cfg.train.steps:
-        with timer.phase("data"):
-            batch = next(loader).to(device)
+    def train_step(batch) -> dict[str, float]:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
         with timer.phase("forward"), _autocast(cfg, device):
@@ -222,24 +226,32 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
             scheduler.step(1)
             _clamp_scales(model, cfg.loss.max_logit_scale)
         if not ok:
-            raise FloatingPointError(f"step {step}: optimizer step skipped (non-finite gradients)")
-        step += 1
-        metrics.add_samples(len(batch) * state.dp_size)
+            raise FloatingPointError(f"step {step + 1}: optimizer step skipped (non-finite grads)")
         values = {k: float(v) for k, v in parts.items()}
         values["loss"] = float(total.detach())
         values["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
         values["lr"] = optimizer.param_groups[0]["lr"]
-        losses.append(values)
-        if step % cfg.train.log_interval == 0 or step == cfg.train.steps or step == first_step + 1:
-            metrics.log(step, values, first_step)
-        if cfg.checkpoint.save_interval and step % cfg.checkpoint.save_interval == 0:
-            last_ckpt = save(step)
-        if (
-            cfg.train.eval_batches
-            and cfg.train.eval_interval
-            and (step % cfg.train.eval_interval == 0 and step < cfg.train.steps)
-        ):
-            evals.append({"step": step, **run_eval(step)})
+        return values
+
+    def every(interval: int) -> bool:
+        return bool(interval) and step % interval == 0
+
+    profile_dir = Path(cfg.train.profile_dir) if cfg.train.profile_dir and rank0 else None
+    with maybe_torch_profiler(profile_dir) as profiler_step:
+        while step < cfg.train.steps:
+            with timer.phase("data"):
+                batch = next(loader).to(device)
+            values = train_step(batch)
+            step += 1
+            losses.append(values)
+            metrics.add_samples(len(batch) * state.dp_size)
+            if every(cfg.train.log_interval) or step in (first_step + 1, cfg.train.steps):
+                metrics.log(step, values, first_step)
+            if every(cfg.checkpoint.save_interval):
+                last_ckpt = save(step)
+            if cfg.train.eval_batches and every(cfg.train.eval_interval) and step < cfg.train.steps:
+                evals.append({"step": step, **run_eval(step)})
+            profiler_step()
 
     if not last_ckpt.endswith(f"{step:08d}") and step > first_step:
         last_ckpt = save(step)

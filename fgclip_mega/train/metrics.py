@@ -67,7 +67,7 @@ class MetricsLogger:
         import matplotlib.pyplot as plt
 
         path = Path(path or self.path.with_name("loss.png"))
-        keys = [k for k in self.records[0] if k.startswith("loss")]
+        keys = [k for k in ("loss", "long", "short", "region", "hard") if k in self.records[0]]
         steps = [r["step"] for r in self.records]
         fig, (ax, ax_rate) = plt.subplots(1, 2, figsize=(11, 4))
         for key in keys:
