@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--repeats", type=int, default=3, help="runs per loader (median reported)")
     p.add_argument("--threads", type=int, default=2, help="DALI threads = PIL decode threads")
     p.add_argument("--py-workers", type=int, default=1, help="DALI shard-reader processes")
+    p.add_argument("--plot", default=str(ROOT / "run/out/bench_data.png"), help="PNG bar chart")
     args = p.parse_args(argv)
 
     import torch
@@ -158,7 +159,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for line in lines:
             print(json.dumps(line))
             fh.write(json.dumps(line) + "\n")
+    plot(lines, Path(args.plot))
     return lines
+
+
+def plot(lines: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    names = [line["name"] for line in lines]
+    rates = [line["samples_per_s"] for line in lines]
+    bars = ax.bar(
+        names, rates, color=["tab:gray" if n.startswith("pil") else "tab:green" for n in names]
+    )
+    for bar, line in zip(bars, lines, strict=True):
+        ax.annotate(
+            f"{line['speedup_vs_pil']:.2f}x",
+            (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+            ha="center",
+            va="bottom",
+        )
+    ax.set_ylabel("samples/s")
+    ax.set_title(f"loader throughput, {lines[0]['image_size']} px, {lines[0]['threads']} threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

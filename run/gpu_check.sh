@@ -12,7 +12,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-run/out/gpu}
 mkdir -p "$OUT"
-PY=${PYTHON:-python3}
+PY=$(command -v "${PYTHON:-python3}")
 if [ -x .venv/bin/python ] && .venv/bin/python -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
   PY=.venv/bin/python
 fi
@@ -24,11 +24,11 @@ export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONUNBUFFERED=1
 status=0
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt" || status=1
 $PY -m fgclip_mega.env --json > "$OUT/env.json" 2>/dev/null; cat "$OUT/env.json"
 
 echo "== build (CUDA)"
-PYTHON=$PY timeout 300 bash run/build_ext.sh > "$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
+FGCLIP_PYTHON=$PY timeout 300 bash run/build_ext.sh > "$OUT/build.log" 2>&1 || { status=1; tail -30 "$OUT/build.log"; }
 
 echo "== GPU tests"
 timeout 300 $PY -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest_gpu.log" | tail -30
