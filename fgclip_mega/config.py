@@ -208,8 +208,6 @@ class TrainConfig:
     """Steps between log lines."""
     seed: int = 42
     """Seed of weight initialisation and dropout."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Training device; auto = CUDA when available."""
     output_dir: str = "runs/default"
     """Where logs, plots and checkpoints go."""
     eval_batches: int = 8

@@ -78,6 +78,11 @@ def _resume_checks(tmp: str) -> dict:
         "metrics_steps": [m["step"] for m in metrics if "eval" not in m],
         "evals": [m for m in metrics if "eval" in m],
         "plot": (tmp / "full" / "loss.png").is_file(),
+        "cut_metrics_steps": [
+            json.loads(line)["step"]
+            for line in (cut / "metrics.jsonl").open()
+            if "eval" not in json.loads(line)
+        ],
         "trace": sorted(p.name for p in (tmp / "trace").iterdir()),
     }
 
@@ -100,6 +105,7 @@ def test_resume_is_exact_and_incomplete_checkpoints_are_ignored(tmp_path):
     assert "tp=2" in res["errors"]["layout"] and "tp=1" in res["errors"]["layout"]
     assert "incomplete" in res["errors"]["partial"]
     assert res["metrics_steps"] == [1, 2, 3, 4] and res["plot"]
+    assert res["cut_metrics_steps"] == [1, 2, 3, 4]  # resumed steps replace, not duplicate
     assert "top_ops.txt" in res["trace"] and any(n.endswith(".json") for n in res["trace"])
     (final_eval,) = res["evals"]
     assert final_eval["step"] == 4
@@ -107,20 +113,70 @@ def test_resume_is_exact_and_incomplete_checkpoints_are_ignored(tmp_path):
         assert 0.0 <= final_eval["eval"][name] <= 1.0, name
 
 
-def _train_losses(tmp: str, tp: int, steps: int) -> list[dict]:
+def _train_losses(tmp: str, tp: int, steps: int) -> list[list[dict]]:
+    """TP=1: one run. TP=2: plain TP, then TP + sequence parallel, in one process group."""
     from fgclip_mega.train.loop import train
 
     tmp = Path(tmp)
-    cfg = _cfg(tmp / f"tp{tp}", tmp / "data", steps, parallel__tensor_parallel_size=tp)
-    return train(cfg).losses
+    runs = []
+    for sp in (False, True) if tp > 1 else (False,):
+        cfg = _cfg(
+            tmp / f"tp{tp}_sp{sp}",
+            tmp / "data",
+            steps,
+            parallel__tensor_parallel_size=tp,
+            parallel__sequence_parallel=sp,
+        )
+        runs.append(train(cfg, keep_process_groups=not sp and tp > 1).losses)
+    return runs
 
 
 @pytest.mark.slow
-def test_tp2_training_matches_tp1(tmp_path):
-    (ref,) = run_distributed(_train_losses, 1, str(tmp_path), 1, 3, timeout=600)
+def test_tp2_and_sequence_parallel_training_match_tp1(tmp_path):
+    ((ref,),) = run_distributed(_train_losses, 1, str(tmp_path), 1, 3, timeout=600)
     tp2 = run_distributed(_train_losses, 2, str(tmp_path), 2, 3, timeout=600)
-    assert tp2[0] == tp2[1]  # both TP ranks compute the same loss
-    for step, (a, b) in enumerate(zip(ref, tp2[0], strict=True)):
-        for part in ("long", "short", "region", "hard", "loss"):
-            assert b[part] == pytest.approx(a[part], rel=1e-4, abs=1e-5), (step, part)
+    assert tp2[0] == tp2[1]  # both TP ranks compute the same losses
+    for run in tp2[0]:  # plain TP, then TP + SP (norm grads all-reduced over TP)
+        for step, (a, b) in enumerate(zip(ref, run, strict=True)):
+            for part in ("long", "short", "region", "hard", "loss"):
+                assert b[part] == pytest.approx(a[part], rel=1e-4, abs=1e-5), (step, part)
     assert ref[-1]["loss"] != ref[0]["loss"]
+
+
+def _dp2_distributed_optimizer_resume(tmp: str) -> dict:
+    import torch.distributed as dist
+
+    from fgclip_mega.train.loop import train
+
+    tmp = Path(tmp)
+    extra = dict(
+        checkpoint__save_interval=2, parallel__use_distributed_optimizer=True, train__eval_batches=0
+    )
+    full = train(_cfg(tmp / "full", tmp / "data", 4, **extra), keep_process_groups=True)
+    train(_cfg(tmp / "cut", tmp / "data", 4, **extra), keep_process_groups=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(tmp / "cut" / "checkpoints" / "step_00000004")
+    dist.barrier()
+    resumed = train(_cfg(tmp / "cut", tmp / "data", 4, **extra))
+    rank = int(__import__("os").environ["RANK"])
+    name = f"rank_{rank:05d}.pt"
+    load = lambda run: torch.load(  # noqa: E731
+        tmp / run / "checkpoints" / "step_00000004" / name, weights_only=False
+    )["model"]
+    full_p, resumed_p = load("full"), load("cut")
+    same = all(
+        torch.equal(v, resumed_p[k]) for k, v in full_p.items() if isinstance(v, torch.Tensor)
+    )
+    return {"full": full.losses, "resumed": resumed.losses, "same_params": same}
+
+
+@pytest.mark.slow
+def test_dp2_distributed_optimizer_resume_is_exact(tmp_path):
+    results = run_distributed(_dp2_distributed_optimizer_resume, 2, str(tmp_path), timeout=600)
+    for res in results:
+        assert len(res["resumed"]) == 2
+        assert res["resumed"] == res["full"][2:]
+        assert res["same_params"]
+    # The two ranks read different samples: their local loss shares differ.
+    assert results[0]["full"][0]["long"] != results[1]["full"][0]["long"]

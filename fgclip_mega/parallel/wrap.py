@@ -18,12 +18,12 @@ from megatron.core.transformer import TransformerConfig
 
 from fgclip_mega.config import OptimizerConfig, ParallelConfig, PrecisionConfig
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def megatron_config(parallel: ParallelConfig, precision: PrecisionConfig) -> TransformerConfig:
     """The megatron-core config object its DDP and layers read (sizes are ours, not megatron's)."""
-    params_dtype = _DTYPES[precision.params_dtype]
+    params_dtype = TORCH_DTYPES[precision.params_dtype]
     return TransformerConfig(
         # Placeholders: megatron validates them, our towers carry their own sizes.
         num_layers=1,
@@ -47,6 +47,8 @@ def wrap_data_parallel(
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         # Gradients are averaged over DP ranks: each rank's loss is its local mean.
         average_in_collective=True,
+        # Fail at the step that produced a NaN/Inf gradient, naming the parameter.
+        check_for_nan_in_grad=True,
     )
     return DistributedDataParallel(
         config=megatron_config(parallel, precision), ddp_config=ddp_config, module=module
@@ -77,7 +79,7 @@ def build_optimizer(
         adam_eps=optim.eps,
         clip_grad=optim.clip_grad,
         bf16=precision.params_dtype == "bf16",
-        params_dtype=_DTYPES[precision.params_dtype],
+        params_dtype=TORCH_DTYPES[precision.params_dtype],
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     no_decay = ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=skips_weight_decay))

@@ -52,9 +52,31 @@ def optimizer_state(optimizer) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"state_dict": opt.state_dict()}
         if isinstance(opt, DistributedOptimizer):
             # This DP rank's shard of Adam moments and fp32 main params, in bucket order.
-            entry["param_state"] = opt.get_parameter_state_dp_reshardable()
+            entry["param_state"] = _mark_no_padding(opt.get_parameter_state_dp_reshardable())
         states.append(entry)
     return states
+
+
+def _mark_no_padding(state: dict) -> dict:
+    # megatron-core 0.16.1: get_parameter_state_dp_reshardable() omits the per-param 'padding'
+    # flag that its inverse, load_parameter_state_from_dp_reshardable(), requires (KeyError).
+    for key, per_dtype in state.items():
+        if isinstance(key, int):
+            for buckets in per_dtype.values():
+                for bucket in buckets:
+                    for elem in bucket:
+                        elem.setdefault("padding", False)
+    return state
+
+
+def _unshare_step_counters(opt) -> None:
+    # megatron-core 0.16.1's DistributedOptimizer.load_state_dict (torch-optimizer path) gives
+    # every param's Adam state the *same* `step` tensor; torch's AdamW increments it in place
+    # once per param, so after a resume the bias correction ran ahead. One tensor per param.
+    inner = getattr(opt, "optimizer", None)
+    for state in getattr(inner, "state", {}).values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def load_optimizer_state(optimizer, states: list[dict[str, Any]]) -> None:
@@ -63,8 +85,11 @@ def load_optimizer_state(optimizer, states: list[dict[str, Any]]) -> None:
         raise CheckpointError(f"optimizer has {len(opts)} parts, checkpoint has {len(states)}")
     for opt, entry in zip(opts, states, strict=True):
         opt.load_state_dict(entry["state_dict"])
+        _unshare_step_counters(opt)
         if "param_state" in entry:
-            opt.load_parameter_state_from_dp_reshardable(entry["param_state"])
+            # Without no_grad megatron copies into views of leaf params that require grad.
+            with torch.no_grad():
+                opt.load_parameter_state_from_dp_reshardable(entry["param_state"])
 
 
 def rng_state() -> dict[str, Any]:

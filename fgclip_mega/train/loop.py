@@ -18,20 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from megatron.core.distributed import finalize_model_grads
 
 from fgclip_mega.config import Config
 from fgclip_mega.data import build_loader
 from fgclip_mega.losses import FGCLIPLoss
 from fgclip_mega.models import FGCLIPModel
 from fgclip_mega.parallel import ParallelState, destroy_parallel, init_parallel
-from fgclip_mega.parallel.wrap import build_optimizer, wrap_data_parallel
+from fgclip_mega.parallel.wrap import TORCH_DTYPES, build_optimizer, wrap_data_parallel
 from fgclip_mega.profiling import PhaseTimer, maybe_torch_profiler
 from fgclip_mega.train import checkpointing as ckpt
 from fgclip_mega.train.metrics import MetricsLogger
 from fgclip_mega.train.step import forward_embeddings
 
 log = logging.getLogger("fgclip_mega.train")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -49,7 +49,7 @@ class TrainResult:
 
 
 def _autocast(cfg: Config, device: torch.device):
-    dtype = _DTYPES[cfg.precision.compute_dtype]
+    dtype = TORCH_DTYPES[cfg.precision.compute_dtype]
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
@@ -81,8 +81,6 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
     out_dir = Path(cfg.train.output_dir)
     rank0 = state.rank == 0
     device = state.device
-    if cfg.train.device == "cuda" and device.type != "cuda":
-        raise RuntimeError("train.device=cuda but no CUDA device is available")
     regional = cfg.train.stage == "regional"
     if cfg.loss.kind == "sigmoid":
         # The losses support SigLIP, but the model has no learnable logit bias yet.
@@ -102,8 +100,8 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
     model = FGCLIPModel(
         cfg.model,
         cfg.parallel,
-        params_dtype=_DTYPES[cfg.precision.params_dtype],
-        compute_dtype=_DTYPES[cfg.precision.compute_dtype],
+        params_dtype=TORCH_DTYPES[cfg.precision.params_dtype],
+        compute_dtype=TORCH_DTYPES[cfg.precision.compute_dtype],
         device=device,
     )
     if cfg.checkpoint.init_from:
@@ -113,8 +111,6 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
         log.info(
             "initialised from %s (derived: %s)", cfg.checkpoint.init_from, report.get("derived")
         )
-    if regional:
-        model.init_stage2_scales()
 
     ddp = wrap_data_parallel(model, cfg.parallel, cfg.precision)
     optimizer, scheduler = build_optimizer(
@@ -131,6 +127,11 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
     )
     loss_fn = FGCLIPLoss(cfg.loss, dp_group=state.dp_group)
 
+    eval_batches = cfg.train.eval_batches
+    if eval_batches and cfg.data.shards and not cfg.data.eval_shards:
+        log.warning("data.shards is set but data.eval_shards is not: evaluation is off")
+        eval_batches = 0
+
     def run_eval(at_step: int) -> dict[str, float]:
         from fgclip_mega.eval import evaluate
 
@@ -140,7 +141,7 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
             shards=data.eval_shards,
             synthetic_dir=f"{data.synthetic_dir}_eval",
             # Exactly the evaluated samples: each appears once, so retrieval has one true match.
-            synthetic_num_samples=cfg.train.eval_batches * data.micro_batch_size * state.dp_size,
+            synthetic_num_samples=eval_batches * data.micro_batch_size * state.dp_size,
             seed=data.seed + 1,
         )
         eval_loader = build_loader(
@@ -154,7 +155,7 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
         )
         # One pass at most: the loader is endless and would repeat samples.
         per_pass = eval_loader.shards.num_samples // (data.micro_batch_size * state.dp_size)
-        batches = min(cfg.train.eval_batches, per_pass)
+        batches = min(eval_batches, per_pass)
         if batches < 1:
             raise ValueError("data.eval_shards holds fewer samples than one global batch")
         try:
@@ -167,11 +168,15 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
 
     step = 0
     ckpt_root = out_dir / "checkpoints"
-    resume_from = ckpt.find_latest(Path(cfg.checkpoint.load)) if cfg.checkpoint.load else None
-    if cfg.checkpoint.load and resume_from is None:
-        raise ckpt.CheckpointError(f"checkpoint.load={cfg.checkpoint.load}: no complete checkpoint")
-    if resume_from is None:
-        resume_from = ckpt.find_latest(ckpt_root)  # auto-resume an interrupted run
+    # This run's own newest checkpoint wins (a restarted run continues where it stopped);
+    # checkpoint.load only seeds a run that has none yet.
+    resume_from = ckpt.find_latest(ckpt_root)
+    if resume_from is None and cfg.checkpoint.load:
+        resume_from = ckpt.find_latest(Path(cfg.checkpoint.load))
+        if resume_from is None:
+            raise ckpt.CheckpointError(
+                f"checkpoint.load={cfg.checkpoint.load}: no complete checkpoint there"
+            )
     if resume_from is not None:
         step, payload = ckpt.load_checkpoint(resume_from, state.rank, _layout(state))
         model.load_state_dict(payload["model"])
@@ -181,7 +186,7 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
         ckpt.load_rng_state(payload["rng"])
         log.info("resumed from %s at step %d", resume_from, step)
 
-    metrics = MetricsLogger(out_dir, cfg.train.steps, enabled=rank0)
+    metrics = MetricsLogger(out_dir, cfg.train.steps, enabled=rank0, resume_step=step)
     timer = PhaseTimer()
     losses: list[dict[str, float]] = []
     first_step, last_ckpt = step, ""
@@ -210,8 +215,12 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
     def train_step(batch) -> dict[str, float]:
         ddp.zero_grad_buffer()
         optimizer.zero_grad()
-        with timer.phase("forward"), _autocast(cfg, device):
-            emb = forward_embeddings(model, batch, regional)
+        with timer.phase("forward"):
+            with _autocast(cfg, device):
+                emb = forward_embeddings(model, batch, regional)
+            if cfg.precision.loss_in_fp32:
+                emb = emb.float()
+            # Outside autocast: the contrastive products must not be recast to bf16.
             total, parts = loss_fn(
                 emb,
                 logit_scale=model.logit_scale,
@@ -220,17 +229,24 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
             )
         with timer.phase("backward"):
             total.backward()
-            ddp.finish_grad_sync()
+            # DP gradient reduction, plus the TP all-reduce of sequence-parallel params' grads
+            # (norms see only their sequence slice) that finish_grad_sync alone would miss.
+            finalize_model_grads([ddp])
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
         with timer.phase("optimizer"):
             ok, grad_norm, _ = optimizer.step()
             scheduler.step(1)
             _clamp_scales(model, cfg.loss.max_logit_scale)
-        if not ok:
-            raise FloatingPointError(f"step {step + 1}: optimizer step skipped (non-finite grads)")
-        values = {k: float(v) for k, v in parts.items()}
-        values["loss"] = float(total.detach())
+        # megatron's fp32 optimizer reports ok=True whatever the grads; DDP checks NaN in the
+        # gradient reduction (check_for_nan_in_grad), this catches an infinite norm as well.
+        if not ok or (grad_norm is not None and not math.isfinite(grad_norm)):
+            raise FloatingPointError(f"step {step + 1}: non-finite gradients (norm {grad_norm})")
+        names = list(parts)
+        # One host transfer for all logged values instead of one sync per value.
+        logged = torch.stack([parts[n].float().reshape(()) for n in names] + [total.detach()])
+        values = dict(zip([*names, "loss"], logged.tolist(), strict=True))
         values["grad_norm"] = float(grad_norm) if grad_norm is not None else math.nan
-        values["lr"] = optimizer.param_groups[0]["lr"]
+        values["lr"] = lr
         return values
 
     def every(interval: int) -> bool:
@@ -249,14 +265,14 @@ def _train(cfg: Config, state: ParallelState) -> TrainResult:
                 metrics.log(step, values, first_step)
             if every(cfg.checkpoint.save_interval):
                 last_ckpt = save(step)
-            if cfg.train.eval_batches and every(cfg.train.eval_interval) and step < cfg.train.steps:
+            if eval_batches and every(cfg.train.eval_interval) and step < cfg.train.steps:
                 evals.append({"step": step, **run_eval(step)})
             profiler_step()
 
     if not last_ckpt.endswith(f"{step:08d}") and step > first_step:
         last_ckpt = save(step)
     loader.close()
-    if cfg.train.eval_batches:
+    if eval_batches:
         evals.append({"step": step, **run_eval(step)})
     if rank0:
         plot = metrics.plot()

@@ -11,7 +11,7 @@ log = logging.getLogger("fgclip_mega.train")
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool):
+    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, resume_step: int = 0):
         self.total_steps = total_steps
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -22,6 +22,19 @@ class MetricsLogger:
         self._samples = 0
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._drop_records_after(resume_step)
+
+    def _drop_records_after(self, step: int) -> None:
+        # After a resume the steps past the checkpoint are trained again: keep the file in order.
+        if not self.path.is_file():
+            return
+        kept = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= step
+        ]
+        self.records = [r for r in map(json.loads, kept) if "eval" not in r]
+        self.path.write_text("".join(line + "\n" for line in kept))
 
     def add_samples(self, n: int) -> None:
         self._samples += n

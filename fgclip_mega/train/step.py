@@ -7,7 +7,7 @@ take the 248-position path and `text_filip_projection`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -31,6 +31,15 @@ class StepEmbeddings:
     """(H, P) region embeddings of the boxes that have hard negatives (stage 2)."""
     hard_text: torch.Tensor | None = None
     """(H, 1 + K, P) their positive phrase (index 0) and K negative phrases (stage 2)."""
+
+    def float(self) -> StepEmbeddings:
+        """A copy with every embedding in fp32 (for losses computed in fp32)."""
+        return StepEmbeddings(
+            **{
+                f.name: None if (t := getattr(self, f.name)) is None else t.float()
+                for f in fields(self)
+            }
+        )
 
 
 def box_mask(batch: Batch) -> torch.Tensor:
