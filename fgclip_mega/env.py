@@ -40,14 +40,11 @@ def _version(module: str) -> str | None:
     return str(getattr(mod, "__version__", "installed"))
 
 
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None and cuda_available()
+def _cuda_package(name: str, module: str, cuda: bool, fallback: str) -> Feature:
+    """An optional CUDA-only package: used when it imports and a GPU is present."""
+    version = _version(module)
+    usable = bool(version) and cuda and not version.startswith("import failed")
+    return Feature(name, usable, version or "not installed", "" if usable else fallback)
 
 
 def probe() -> list[Feature]:
@@ -68,33 +65,12 @@ def probe() -> list[Feature]:
             "" if cuda else "CPU: gloo backend, megatron-core through parallel/cpu_compat.py",
         ),
     ]
-    fa = _version("flash_attn")
-    feats.append(
-        Feature(
-            "flash_attn",
-            bool(fa) and cuda and not fa.startswith("import failed"),
-            fa or "not installed",
-            "" if fa and cuda else "torch scaled_dot_product_attention",
-        )
-    )
-    apex = _version("apex")
-    feats.append(
-        Feature(
-            "apex",
-            bool(apex) and cuda,
-            apex or "not installed",
-            "" if apex and cuda else "torch LayerNorm / megatron-core local fused-op fallbacks",
-        )
-    )
-    te = _version("transformer_engine")
-    feats.append(
-        Feature(
-            "transformer_engine",
-            bool(te) and cuda,
-            te or "not installed",
-            "" if te and cuda else "megatron-core local (non-TE) layers",
-        )
-    )
+    for name, module, fallback in (
+        ("flash_attn", "flash_attn", "torch scaled_dot_product_attention"),
+        ("apex", "apex", "torch LayerNorm / megatron-core local fused-op fallbacks"),
+        ("transformer_engine", "transformer_engine", "megatron-core local (non-TE) layers"),
+    ):
+        feats.append(_cuda_package(name, module, cuda, fallback))
     mcore = _version("megatron.core")
     feats.append(Feature("megatron_core", bool(mcore), mcore or "not installed", ""))
     triton = _version("triton")

@@ -35,6 +35,11 @@ class Batch:
     epoch: int
     """Epoch of the first sample (a batch may straddle an epoch boundary)."""
 
+    def box_mask(self) -> torch.Tensor:
+        """(B, M) True for the valid (non-padding) boxes."""
+        m = self.boxes.shape[1]
+        return torch.arange(m, device=self.box_counts.device)[None, :] < self.box_counts[:, None]
+
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         moved = {}
         for f in fields(self):

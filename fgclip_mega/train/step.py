@@ -42,12 +42,6 @@ class StepEmbeddings:
         )
 
 
-def box_mask(batch: Batch) -> torch.Tensor:
-    """(B, M) True for the valid (non-padding) boxes."""
-    m = batch.boxes.shape[1]
-    return torch.arange(m, device=batch.box_counts.device)[None, :] < batch.box_counts[:, None]
-
-
 def forward_embeddings(model: FGCLIPModel, batch: Batch, regional: bool) -> StepEmbeddings:
     b = batch.images.shape[0]
     if not regional:
@@ -58,7 +52,7 @@ def forward_embeddings(model: FGCLIPModel, batch: Batch, regional: bool) -> Step
 
     image, dense = model.encode_image(batch.images, with_dense=True)  # (B, P), (B, P, g, g)
     long_text = model.encode_text(batch.long_tokens, long=True)
-    valid = box_mask(batch)  # (B, M)
+    valid = batch.box_mask()  # (B, M)
     hard = batch.hardneg_valid & valid  # (B, M)
     region_tokens = batch.region_tokens[valid]  # (R, L)
     hard_tokens = batch.hardneg_tokens[hard]  # (H, 1+K, L)
