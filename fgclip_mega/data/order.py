@@ -107,6 +107,8 @@ class StreamOrder:
         for shard, end, size in zip(shard_perm, ends, self.sizes[shard_perm], strict=True):
             begin = end - size
             lo, hi = max(a, begin) - begin, min(b, end) - begin
+            if lo >= hi:  # the shard lies wholly outside [a, b)
+                continue
             for s in range(lo // bs * bs, hi, bs):
                 blocks.append((shard, max(s, lo), min(s + bs, hi)))
         blocks_arr = np.array(blocks, dtype=np.int64).reshape(-1, 3)
