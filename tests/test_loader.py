@@ -31,8 +31,8 @@ from fgclip_mega.data.transforms import normalise
 from tests.test_data_helpers import read_jsonl, write_raw
 
 N, SIZE = 115, 48  # 115 = 5 shards of 23: divisible neither by the DP sizes nor by B
-TENSORS = ("images", "long_tokens", "short_tokens", "boxes", "box_counts", "region_tokens",
-           "hardneg_tokens", "hardneg_valid", "sample_ids")  # fmt: skip
+TENSORS = ("images", "long_tokens", "short_tokens", "box_counts", "region_rois", "region_tokens",
+           "hard_rows", "hardneg_tokens", "sample_ids")  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -150,24 +150,26 @@ def test_epochs_reshuffle(data):
 def _reference_arrays(rec: dict, m: int = 4) -> dict:
     """Tokens/boxes a sample must carry, from its raw JSON record and the tokenizer alone."""
     boxes = rec["bbox_info"][:m]
-    n = len(boxes)
     short = tokenizer.tokenize([b["short_expr"] for b in boxes], 77)
     long = tokenizer.tokenize([b["long_expr"] for b in boxes], 77)
-    negs = np.zeros((m, 11, 77), np.int32)
-    negs[:n, 0] = short
-    for i, b in enumerate(boxes):
-        if b["flag_short_neg"]:
-            negs[i, 1:] = tokenizer.tokenize(list(b["short_expr_negs"].values()), 77)
-    box_arr = np.zeros((m, 4), np.float32)
-    box_arr[:n] = [b["bbox"][:4] for b in boxes]
-    valid = np.zeros(m, bool)
-    valid[:n] = [bool(b["flag_short_neg"]) for b in boxes]
+    hard = [j for j, b in enumerate(boxes) if b["flag_short_neg"]]
+    negs = np.zeros((len(hard), 11, 77), np.int32)
+    for row, j in enumerate(hard):
+        negs[row, 0] = short[j]
+        negs[row, 1:] = tokenizer.tokenize(list(boxes[j]["short_expr_negs"].values()), 77)
     return {
         "long_tokens": tokenizer.tokenize([rec["caption"]], 248)[0],
         "short_tokens": tokenizer.tokenize([SHORT_PREFIX + rec["short_caption"]], 77)[0],
-        "boxes": box_arr, "box_counts": n, "hardneg_tokens": negs, "hardneg_valid": valid,
-        "region_choices": (short, long),
+        "boxes": np.array([b["bbox"][:4] for b in boxes], np.float32).reshape(-1, 4),
+        "hard": hard, "hardneg_tokens": negs, "region_choices": (short, long),
     }  # fmt: skip
+
+
+def _padded_to(tokens: torch.Tensor, context: int) -> np.ndarray:
+    """A trimmed token row back at full context (the cut part must have been zeros)."""
+    out = np.zeros(tokens.shape[:-1] + (context,), np.int32)
+    out[..., : tokens.shape[-1]] = tokens.numpy()
+    return out
 
 
 @pytest.mark.parametrize("antialias", ["off", "on"])
@@ -192,18 +194,30 @@ def test_dali_batches_match_independent_references(data, antialias):
                 size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=False,
             )  # fmt: skip
             assert _levels(batch.images, normalise(exact)).max() <= 1.01
+        # Packed layout: the boxes of image i are the rows whose first column is i, in order.
+        rows_of = [np.nonzero(batch.region_rois[:, 0].numpy() == i)[0] for i in range(len(batch))]
+        assert np.array_equal(np.concatenate(rows_of), np.arange(len(batch.region_rois)))
+        hard_seen = []
         for i, key in enumerate(batch.keys):
             ref = _reference_arrays(records[key])
-            for name in ("long_tokens", "short_tokens", "boxes", "hardneg_tokens", "hardneg_valid"):
-                np.testing.assert_array_equal(getattr(batch, name)[i].numpy(), ref[name], name)
-            n = ref["box_counts"]
-            assert batch.box_counts[i] == n
+            np.testing.assert_array_equal(_padded_to(batch.long_tokens[i], 248), ref["long_tokens"])
+            np.testing.assert_array_equal(
+                _padded_to(batch.short_tokens[i], 77), ref["short_tokens"]
+            )
+            rows = rows_of[i]
+            assert batch.box_counts[i] == len(rows) == len(ref["boxes"])
+            np.testing.assert_array_equal(batch.region_rois[rows, 1:].numpy(), ref["boxes"])
+            hard_seen += [int(rows[j]) for j in ref["hard"]]
             short, long = ref["region_choices"]
-            for j in range(n):  # region phrase: the seeded per-epoch choice of short/long expr
-                got = batch.region_tokens[i, j].numpy()
+            for j, row in enumerate(rows):  # region phrase: the seeded per-epoch short/long choice
+                got = _padded_to(batch.region_tokens[row], 77)
                 assert np.array_equal(got, short[j]) or np.array_equal(got, long[j])
                 long_used += np.array_equal(got, long[j])
-            assert not batch.region_tokens[i, n:].any() and not batch.boxes[i, n:].any()
+            mine = [h for h, r in enumerate(batch.hard_rows.tolist()) if r in set(rows.tolist())]
+            np.testing.assert_array_equal(
+                _padded_to(batch.hardneg_tokens[mine], 77), ref["hardneg_tokens"]
+            )
+        assert batch.hard_rows.tolist() == hard_seen
     assert 0 < long_used < sum(int(b.box_counts.sum()) for b in batches)
 
 
@@ -212,7 +226,8 @@ def test_embedded_synthetic_set_is_built_once(tmp_path):
                      micro_batch_size=4, py_num_workers=0)  # fmt: skip
     with build_loader(cfg, 32, kind="dali") as loader:
         batch = next(loader)
-    assert batch.images.shape == (4, 3, 32, 32) and batch.long_tokens.shape == (4, 248)
+    assert batch.images.shape == (4, 3, 32, 32) and batch.long_tokens.shape[0] == 4
+    assert batch.long_tokens.shape[1] % 8 == 0 and batch.long_tokens.shape[1] <= 248
     index = tmp_path / "syn/shards/index.json"
     stamp = index.stat().st_mtime_ns
     with build_loader(cfg, 32, kind="pil") as loader:
@@ -243,6 +258,7 @@ def test_mixed_gpu_decode_matches_cpu(data):
     for x, y in zip(got, expected, strict=True):
         assert x.images.is_cuda and x.long_tokens.is_cuda and x.keys == y.keys
         assert torch.equal(x.hardneg_tokens.cpu(), y.hardneg_tokens)
+        assert x.sample_ids.device.type == "cpu" and torch.equal(x.region_rois.cpu(), y.region_rois)
         levels = _levels(x.images, y.images)
         assert levels.mean() <= 1.0 and levels[..., 1:-1, 1:-1].max() <= 8
         assert levels.max() <= 24

@@ -1,4 +1,15 @@
-"""The micro-batch every loader returns, and the image normalisation both loaders share."""
+"""The micro-batch every loader returns, its host-side assembly, and the image normalisation.
+
+The loaders' sources deliver per-sample padded arrays (a fixed shape per sample is what DALI
+transports); `batch_from_arrays` packs them once on the host into the layout the model takes:
+the valid boxes of the batch as one (R, 5) RoI table with their phrases, the boxes that have hard
+negatives as row indices into it, and every token array cut to the batch's longest text.
+
+Text trimming: the text tower is causal and pools at each row's first end-of-text token, so the
+positions after the batch's last EOT cannot change any output; cutting there (rounded up to a
+multiple of 8, capped at the context) only drops work. A row without an EOT (only possible in
+hand-made input) pools at its last position, so such an array is left at full length.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +17,11 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from fgclip_mega.data.tokenizer import EOT_ID
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+TRIM_MULTIPLE = 8
 
 
 @dataclass
@@ -15,61 +29,114 @@ class Batch:
     images: torch.Tensor
     """(B, 3, H, W) float32, squashed to H = W = image size, CLIP mean/std normalised."""
     long_tokens: torch.Tensor
-    """(B, long_context) int64 caption tokens, zero-padded, EOT-terminated."""
+    """(B, L_l) int64 caption tokens, zero-padded; L_l <= long_context (trimmed, see above)."""
     short_tokens: torch.Tensor
-    """(B, short_context) int64 'a photo of ' + short caption tokens."""
-    boxes: torch.Tensor
-    """(B, M, 4) float32 normalised xyxy; rows >= box_counts are zero."""
+    """(B, L_s) int64 'a photo of ' + short caption tokens; L_s <= short_context."""
     box_counts: torch.Tensor
     """(B,) int64 valid boxes per image (<= max_boxes)."""
+    region_rois: torch.Tensor
+    """(R, 5) float32 [image index, x1, y1, x2, y2] normalised, image by image in slot order."""
     region_tokens: torch.Tensor
-    """(B, M, short_context) int64 region phrase per box (short or long expr, see region_text)."""
+    """(R, L_s) int64 phrase of each box (short or long expr, see DataConfig.region_text)."""
+    hard_rows: torch.Tensor
+    """(H,) int64 rows of region_rois whose box has K hard negatives, ascending."""
     hardneg_tokens: torch.Tensor
-    """(B, M, 1+K, short_context) int64: index 0 the box's short_expr, 1..K its negatives."""
-    hardneg_valid: torch.Tensor
-    """(B, M) bool: the box is valid and has K hard negatives."""
+    """(H, 1+K, L_s) int64: index 0 the box's short_expr, 1..K its negatives."""
     sample_ids: torch.Tensor
-    """(B,) int64 global sample ids (index order), on the CPU."""
+    """(B,) int64 global sample ids (index order), always on the CPU."""
     keys: list[str]
     """Sample keys (the records' f_path)."""
     epoch: int
     """Epoch of the first sample (a batch may straddle an epoch boundary)."""
 
-    def box_mask(self) -> torch.Tensor:
-        """(B, M) True for the valid (non-padding) boxes."""
-        m = self.boxes.shape[1]
-        return torch.arange(m, device=self.box_counts.device)[None, :] < self.box_counts[:, None]
-
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
+        device = torch.device(device)
+        # A non_blocking copy from pageable memory is synchronous: pin first so it overlaps.
+        pin = non_blocking and device.type == "cuda"
         moved = {}
         for f in fields(self):
             v = getattr(self, f.name)
-            keep = f.name == "sample_ids" or not isinstance(v, torch.Tensor)
-            moved[f.name] = v if keep else v.to(device, non_blocking=non_blocking)
+            if f.name == "sample_ids" or not isinstance(v, torch.Tensor) or v.device == device:
+                moved[f.name] = v
+                continue
+            if pin and v.device.type == "cpu" and not v.is_pinned():
+                v = v.pin_memory()
+            moved[f.name] = v.to(device, non_blocking=non_blocking)
         return Batch(**moved)
 
     def __len__(self) -> int:
         return len(self.keys)
 
 
-def batch_from_arrays(images: torch.Tensor, arrays: dict, keys: list[str]) -> Batch:
-    """Assembles a Batch from SampleSource-style arrays (numpy or torch), casting ids to int64."""
+def trimmed_length(tokens: list[torch.Tensor], context: int) -> int:
+    """Common length for token arrays (..., L): through the last EOT, rounded up to 8, <= L."""
+    last = 0
+    for t in tokens:
+        rows = t.reshape(-1, t.shape[-1])
+        if rows.shape[0] == 0:
+            continue
+        is_eot = rows == EOT_ID
+        if not bool(is_eot.any(dim=1).all()):
+            return context  # a row without EOT pools at its last position: keep everything
+        # Last EOT of each row = L - 1 - (first EOT of the reversed row).
+        from_end = is_eot.flip(-1).int().argmax(dim=-1)
+        last = max(last, rows.shape[-1] - int(from_end.min()))
+    return min(context, -(-max(last, 1) // TRIM_MULTIPLE) * TRIM_MULTIPLE)
 
-    def t(name: str, dtype: torch.dtype) -> torch.Tensor:
-        v = arrays[name]
-        v = v if isinstance(v, torch.Tensor) else torch.from_numpy(v)
-        return v.to(dtype)
 
+def _tensor(v) -> torch.Tensor:
+    return v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
+
+
+def pack_regions(
+    boxes: torch.Tensor,
+    box_counts: torch.Tensor,
+    region_tokens: torch.Tensor,
+    hardneg_tokens: torch.Tensor,
+    hardneg_valid: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded per-image boxes (B, M, ...) -> (rois (R, 5), region tokens (R, L), hard rows (H,),
+    hard-negative tokens (H, 1+K, L)), the valid boxes image by image in slot order."""
+    b, m = boxes.shape[:2]
+    valid = torch.arange(m)[None, :] < box_counts[:, None]  # (B, M)
+    image_index = valid.nonzero()[:, 0]  # (R,) row-major: image by image, slot order
+    rois = torch.cat([image_index[:, None].to(torch.float32), boxes[valid].float()], dim=1)
+    hard = hardneg_valid.bool() & valid  # (B, M)
+    hard_rows = hard[valid].nonzero()[:, 0]  # (H,) rows of the valid-box table
+    return rois, region_tokens[valid], hard_rows, hardneg_tokens[hard]
+
+
+def batch_from_arrays(
+    images: torch.Tensor,
+    arrays: dict,
+    keys: list[str],
+    short_context: int | None = None,
+    long_context: int | None = None,
+) -> Batch:
+    """A Batch from SampleSource-style padded arrays (numpy or torch): packs, trims, casts.
+
+    `short_context`/`long_context` cap the trimmed lengths (default: the arrays' widths).
+    """
+    a = {name: _tensor(arrays[name]) for name in arrays if name not in ("jpeg", "epoch")}
+    counts = a["box_counts"].to(torch.int64)
+    rois, region, hard_rows, hard_tokens = pack_regions(
+        a["boxes"], counts, a["region_tokens"], a["hardneg_tokens"], a["hardneg_valid"]
+    )
+    long = a["long_tokens"]
+    short = a["short_tokens"]
+    long_len = trimmed_length([long], long_context or long.shape[-1])
+    # Short captions, region phrases and hard-negative phrases share one text-tower call.
+    short_len = trimmed_length([short, region, hard_tokens], short_context or short.shape[-1])
     return Batch(
         images=images,
-        long_tokens=t("long_tokens", torch.int64),
-        short_tokens=t("short_tokens", torch.int64),
-        boxes=t("boxes", torch.float32),
-        box_counts=t("box_counts", torch.int64),
-        region_tokens=t("region_tokens", torch.int64),
-        hardneg_tokens=t("hardneg_tokens", torch.int64),
-        hardneg_valid=t("hardneg_valid", torch.bool),
-        sample_ids=t("sample_ids", torch.int64).cpu(),
+        long_tokens=long[:, :long_len].to(torch.int64).contiguous(),
+        short_tokens=short[:, :short_len].to(torch.int64).contiguous(),
+        box_counts=counts,
+        region_rois=rois,
+        region_tokens=region[:, :short_len].to(torch.int64).contiguous(),
+        hard_rows=hard_rows.to(torch.int64),
+        hardneg_tokens=hard_tokens[..., :short_len].to(torch.int64).contiguous(),
+        sample_ids=a["sample_ids"].to(torch.int64).cpu(),
         keys=keys,
         epoch=int(arrays["epoch"]),
     )
