@@ -1,16 +1,18 @@
 """Triton kernels of the tiled contrastive statistics (same math as chunked.py).
 
 x = scale * X @ Y.T + bias is formed one (BLOCK_M, BLOCK_N) tile at a time with fp32
-accumulation and never written to memory. With HAS_TARGET, entry (i, i + OFFSET) is row i's
-positive (OFFSET may be negative: the swapped, column-direction call passes -offset).
-  `_fwd_rows_kernel`: one program per BLOCK_M rows of X walks all columns and writes one fp32
-      statistic per row: the online log-sum-exp (softmax) or the row's SigLIP loss, the sum of
-      -log sigmoid(z x) (sigmoid).
-      Column statistics are the same kernel with X and Y swapped.
-  `_bwd_rows_kernel`: one program per (BLOCK_M rows, BLOCK_D features) recomputes the tiles, forms
-      G = dLoss/dx (see chunked.py) and accumulates dX = scale * G @ Y; the (R, 2) per-row partial
-      sums of G * (X @ Y.T) and G give dscale and dbias. dY is the same kernel with X and Y (and
-      row/column statistics) swapped.
+accumulation. With HAS_TARGET, entry (i, i + OFFSET) is row i's positive (OFFSET may be negative:
+the swapped, column-direction forward passes -offset; the backward passes slab-local offsets).
+  `_fwd_split_kernel`: program (m, s) walks the columns of split s (COLS_PER_SPLIT of them) for
+      BLOCK_M rows of X and writes one fp32 partial statistic per (row, split): the log-sum-exp of
+      its columns (softmax) or the sum of -log sigmoid(z x) (sigmoid). The launcher merges the
+      splits (logsumexp / sum), flash-decoding style, so a few local rows against many gathered
+      columns still fill the GPU. Column statistics are the same kernel with X and Y swapped.
+  `_grad_tile_kernel`: one program per (BLOCK_M, BLOCK_N) tile of a slab of x forms
+      G = dLoss/dx (see chunked.py) for the row and/or column losses at once, stores it in the
+      slab buffer and writes per-(column block, row) partial sums of G * (X @ Y.T) and of G (for
+      dscale and dbias). The launcher then takes dX += G @ Y and dY += G.T @ X with cuBLAS, so
+      each logit is computed once per backward instead of once per feature slice and direction.
 UPCAST (set by the launcher under TRITON_INTERPRET) converts bf16 operands to fp32 before tl.dot,
 whose bf16 path is wrong in the interpreter; on a GPU the native bf16 dot accumulates in fp32.
 """
@@ -69,7 +71,7 @@ def _dot_tile(
 
 
 @triton.jit
-def _fwd_rows_kernel(
+def _fwd_split_kernel(
     X,
     Y,
     OUT,
@@ -81,6 +83,8 @@ def _fwd_rows_kernel(
     stride_x,
     stride_y,
     OFFSET,
+    COLS_PER_SPLIT,
+    N_SPLIT,
     HAS_TARGET: tl.constexpr,
     SOFTMAX: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -89,36 +93,24 @@ def _fwd_rows_kernel(
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    rows = (pid * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     rmask = rows < R
+    c_lo = pid_s * COLS_PER_SPLIT
+    c_hi = tl.minimum(c_lo + COLS_PER_SPLIT, C)
     s = tl.load(SCALE).to(tl.float32)
     t = tl.load(BIAS).to(tl.float32)
     m = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)  # running row max (softmax)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)  # running sum of exp(x - m), or of softplus
-    for n0 in range(0, C, BLOCK_N):
+    for n0 in range(c_lo, c_hi, BLOCK_N):
         cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        cmask = cols < C
-        x = (
-            _dot_tile(
-                X,
-                Y,
-                rows,
-                cols,
-                rmask,
-                cmask,
-                D,
-                stride_x,
-                stride_y,
-                BLOCK_M,
-                BLOCK_N,
-                BLOCK_K,
-                UPCAST,
-                PRECISION,
-            )
-            * s
-            + t
-        )
+        cmask = cols < c_hi
+        dot = _dot_tile(
+            X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y,
+            BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+        )  # fmt: skip
+        x = dot * s + t  # (BLOCK_M, BLOCK_N)
         if SOFTMAX:
             x = tl.where(cmask[None, :], x, float("-inf"))
             m_new = tl.maximum(m, tl.max(x, 1))
@@ -132,17 +124,17 @@ def _fwd_rows_kernel(
                 sp = _softplus(x)
             acc += tl.sum(tl.where(cmask[None, :], sp, 0.0), 1)
     if SOFTMAX:
-        out = m + tl.log(acc)
+        out = m + tl.log(acc)  # -inf for a split without columns
     else:
         out = acc
-    tl.store(OUT + rows, out, mask=rmask)
+    tl.store(OUT + rows * N_SPLIT + pid_s, out, mask=rmask)
 
 
 @triton.jit
-def _bwd_rows_kernel(
+def _grad_tile_kernel(
     X,
     Y,
-    DX,
+    G,
     PART,
     SCALE,
     BIAS,
@@ -155,98 +147,66 @@ def _bwd_rows_kernel(
     D,
     stride_x,
     stride_y,
-    stride_dx,
+    stride_g,
     OFFSET,
     HAS_TARGET: tl.constexpr,
     SOFTMAX: tl.constexpr,
     HAS_ROW: tl.constexpr,
     HAS_COL: tl.constexpr,
-    WRITE_PART: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     UPCAST: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_d = tl.program_id(1)
+    pid_n = tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     rmask = rows < R
-    feats = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    fmask = feats < D
+    cmask = cols < C
     s = tl.load(SCALE).to(tl.float32)
     t = tl.load(BIAS).to(tl.float32)
+    dot = _dot_tile(
+        X, Y, rows, cols, rmask, cmask, D, stride_x, stride_y,
+        BLOCK_M, BLOCK_N, BLOCK_K, UPCAST, PRECISION,
+    )  # fmt: skip
+    x = dot * s + t  # (BLOCK_M, BLOCK_N)
+    G_tile = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_TARGET:
+        pos = cols[None, :] == rows[:, None] + OFFSET  # (i, i + OFFSET): the positives
     if HAS_ROW:
         g_r = tl.load(G_R + rows, mask=rmask, other=0.0)  # (BLOCK_M,)
-        st_r = tl.load(STAT_R + rows, mask=rmask, other=0.0)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)  # dX tile / scale
-    part_s = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j G_ij (X @ Y.T)_ij
-    part_t = tl.zeros((BLOCK_M,), dtype=tl.float32)  # sum_j G_ij
-    for n0 in range(0, C, BLOCK_N):
-        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
-        cmask = cols < C
-        dot = _dot_tile(
-            X,
-            Y,
-            rows,
-            cols,
-            rmask,
-            cmask,
-            D,
-            stride_x,
-            stride_y,
-            BLOCK_M,
-            BLOCK_N,
-            BLOCK_K,
-            UPCAST,
-            PRECISION,
-        )
-        x = dot * s + t
-        G = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if HAS_COL:
+        g_c = tl.load(G_C + cols, mask=cmask, other=0.0)  # (BLOCK_N,)
+    if SOFTMAX:
+        if HAS_ROW:
+            st_r = tl.load(STAT_R + rows, mask=rmask, other=0.0)
+            G_tile += g_r[:, None] * tl.exp(x - st_r[:, None])
+            if HAS_TARGET:
+                G_tile -= tl.where(pos, g_r[:, None], 0.0)
         if HAS_COL:
-            g_c = tl.load(G_C + cols, mask=cmask, other=0.0)  # (BLOCK_N,)
-        if HAS_TARGET:
-            pos = cols[None, :] == rows[:, None] + OFFSET  # (i, i + OFFSET): the positives
-        if SOFTMAX:
-            if HAS_ROW:
-                G += g_r[:, None] * tl.exp(x - st_r[:, None])
-                if HAS_TARGET:
-                    G -= tl.where(pos, g_r[:, None], 0.0)
-            if HAS_COL:
-                st_c = tl.load(STAT_C + cols, mask=cmask, other=0.0)
-                G += g_c[None, :] * tl.exp(x - st_c[None, :])
-                if HAS_TARGET:
-                    G -= tl.where(pos, g_c[None, :], 0.0)
+            st_c = tl.load(STAT_C + cols, mask=cmask, other=0.0)
+            G_tile += g_c[None, :] * tl.exp(x - st_c[None, :])
+            if HAS_TARGET:
+                G_tile -= tl.where(pos, g_c[None, :], 0.0)
+    else:
+        if HAS_TARGET:  # d/dx -log sigmoid(z x) = -z sigmoid(-z x), exact at both signs
+            sig = tl.where(pos, -tl.sigmoid(-x), tl.sigmoid(x))
         else:
-            if HAS_TARGET:  # d/dx -log sigmoid(z x) = -z sigmoid(-z x), exact at both signs
-                sig = tl.where(pos, -tl.sigmoid(-x), tl.sigmoid(x))
-            else:
-                sig = tl.sigmoid(x)
-            if HAS_ROW:
-                G += g_r[:, None] * sig
-            if HAS_COL:
-                G += g_c[None, :] * sig
-        # Padding rows/columns may hold 0 * inf = nan before this.
-        G = tl.where(rmask[:, None] & cmask[None, :], G, 0.0)
-        y = tl.load(
-            Y + cols[:, None] * stride_y + feats[None, :],
-            mask=cmask[:, None] & fmask[None, :],
-            other=0.0,
-        )  # (BLOCK_N, BLOCK_D)
-        if UPCAST:
-            acc = tl.dot(G, y.to(tl.float32), acc, input_precision=PRECISION)
-        else:
-            acc = tl.dot(G.to(y.dtype), y, acc, input_precision=PRECISION)
-        if WRITE_PART:
-            part_s += tl.sum(G * dot, 1)
-            part_t += tl.sum(G, 1)
+            sig = tl.sigmoid(x)
+        if HAS_ROW:
+            G_tile += g_r[:, None] * sig
+        if HAS_COL:
+            G_tile += g_c[None, :] * sig
+    # Padding rows/columns may hold 0 * inf = nan before this.
+    inside = rmask[:, None] & cmask[None, :]
+    G_tile = tl.where(inside, G_tile, 0.0)
     tl.store(
-        DX + rows[:, None] * stride_dx + feats[None, :],
-        acc * s,
-        mask=rmask[:, None] & fmask[None, :],
+        G + rows[:, None] * stride_g + cols[None, :],
+        G_tile.to(G.dtype.element_ty),
+        mask=inside,
     )
-    if WRITE_PART:
-        first = rmask & (pid_d == 0)
-        tl.store(PART + rows * 2, part_s, mask=first)
-        tl.store(PART + rows * 2 + 1, part_t, mask=first)
+    part = PART + (pid_n * R + rows) * 2  # (column blocks, R, 2)
+    tl.store(part, tl.sum(G_tile * dot, 1), mask=rmask)
+    tl.store(part + 1, tl.sum(G_tile, 1), mask=rmask)
