@@ -9,6 +9,7 @@ imports nothing from the rest of the package.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,7 +76,9 @@ class ModelConfig:
     projection_dim: int = 512
     """Width of the shared image-text embedding space."""
     logit_scale_init: float = 2.6592
-    """Initial log of the global temperature, ln(1/0.07) as in CLIP."""
+    """Initial log of the global temperature, ln(1/0.07) as in CLIP (SigLIP: ln 10 = 2.3026)."""
+    logit_bias_init: float | None = None
+    """SigLIP's learnable logit bias, created with this value (SigLIP: -10); None = no bias."""
     attention_backend: Literal["auto", "flash", "sdpa", "math"] = "auto"
     """Attention kernel: flash-attn when installed and on CUDA, else torch SDPA."""
 
@@ -87,11 +90,15 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Shard LayerNorm/dropout activations along the sequence over the TP group."""
     activation_checkpointing: bool = False
-    """Recompute transformer blocks in backward to save activation memory."""
+    """Recompute activations in backward to save memory (see the two fields below)."""
+    checkpoint_granularity: Literal["block", "mlp"] = "block"
+    """What is recomputed: the whole block (+1 forward) or only its MLP (cheaper, less saved)."""
+    checkpoint_every: int = 1
+    """Recompute every k-th block only (1 = all blocks)."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto picks NCCL with CUDA and gloo without."""
-    overlap_grad_reduce: bool = False
-    """Overlap the data-parallel gradient reduction with backward (megatron-core DDP)."""
+    overlap_grad_reduce: bool | None = None
+    """Overlap the DP gradient reduction with backward (megatron DDP); None = on with CUDA."""
     use_distributed_optimizer: bool = False
     """Shard optimizer state over data-parallel ranks (ZeRO-1, megatron-core)."""
     timeout_minutes: int = 10
@@ -108,10 +115,10 @@ class ParallelConfig:
 
 @dataclass
 class PrecisionConfig:
-    params_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Dtype of the model weights; fp32 on CPU (bf16 matmul is ~4x slower there)."""
-    compute_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Autocast dtype for the forward pass (bf16 on GPUs)."""
+    params_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Model weight dtype; auto = bf16 on CUDA (fp32 main params), fp32 on CPU (bf16 is slow)."""
+    compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Autocast dtype of the forward pass; auto = bf16 on CUDA, fp32 on CPU."""
     loss_in_fp32: bool = True
     """Upcast embeddings to fp32 before the contrastive losses."""
 
@@ -283,9 +290,51 @@ class Config:
         _require(p.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
         if world_size is not None:
             p.data_parallel_size(world_size)
-        _require(self.data.max_boxes >= 0, "data.max_boxes", "must be >= 0")
-        _require(self.data.micro_batch_size >= 1, "data.micro_batch_size", "must be >= 1")
-        _require(self.loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
+        _require(p.checkpoint_every >= 1, "parallel.checkpoint_every", "must be >= 1")
+        _require(p.timeout_minutes >= 1, "parallel.timeout_minutes", "must be >= 1")
+        d = self.data
+        for name in ("max_boxes", "num_hard_negatives", "py_num_workers", "synthetic_num_samples"):
+            _require(getattr(d, name) >= 0, f"data.{name}", "must be >= 0")
+        for name in ("micro_batch_size", "num_threads", "prefetch_queue_depth", "read_block_size"):
+            _require(getattr(d, name) >= 1, f"data.{name}", "must be >= 1")
+        _require(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
+        loss = self.loss
+        _require(loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
+        for name in ("long_weight", "short_weight", "region_weight", "hard_weight"):
+            _require(getattr(loss, name) >= 0, f"loss.{name}", "must be >= 0")
+        _require(loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
+        _require(
+            loss.kind != "sigmoid" or self.model.logit_bias_init is not None,
+            "model.logit_bias_init",
+            "loss.kind=sigmoid trains SigLIP's logit bias: set it (SigLIP uses -10)",
+        )
+        o = self.optim
+        _require(o.lr > 0, "optim.lr", f"must be > 0, got {o.lr}")
+        _require(0 <= o.min_lr <= o.lr, "optim.min_lr", f"must be in [0, optim.lr={o.lr}]")
+        _require(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+        for name in ("beta1", "beta2"):
+            _require(0 <= getattr(o, name) < 1, f"optim.{name}", "must be in [0, 1)")
+        _require(o.eps > 0, "optim.eps", "must be > 0")
+        _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+        tr = self.train
+        _require(tr.steps >= 1, "train.steps", f"must be >= 1, got {tr.steps}")
+        for name in ("log_interval", "eval_batches", "eval_interval"):
+            _require(getattr(tr, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
+        c = self.checkpoint
+        _require(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0 (0 = at the end)")
+        _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        return self
+
+    def check_paths(self) -> Config:
+        """Input paths exist (checked before any heavy work); the error names the field."""
+        for name, value in (
+            ("data.shards", self.data.shards),
+            ("data.eval_shards", self.data.eval_shards),
+            ("checkpoint.init_from", self.checkpoint.init_from),
+            ("checkpoint.load", self.checkpoint.load),
+        ):
+            _require(not value or Path(value).exists(), name, f"{value}: no such file or directory")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -301,7 +350,7 @@ def _require(ok: bool, name: str, why: str) -> None:
 
 
 def fgclip_vit_b16() -> Config:
-    """FG-CLIP ViT-B/16 at 224 px: text 12 layers of width 512, projection 512."""
+    """FG-CLIP ViT-B/16 at 224 px: text 12 layers of width 512, projection 512; bf16 on GPUs."""
     return Config()
 
 
@@ -317,8 +366,9 @@ def fgclip_vit_l14_336() -> Config:
 
 
 def tiny() -> Config:
-    """A few narrow layers on 64-px images: trains on the 2-core CPU in minutes."""
+    """A few narrow layers on 64-px images: trains on the 2-core CPU in minutes (fp32)."""
     cfg = Config()
+    cfg.precision = PrecisionConfig(params_dtype="fp32", compute_dtype="fp32")
     cfg.model.vision = VisionConfig(
         image_size=64, patch_size=8, width=64, layers=2, heads=4, mlp_width=256
     )
@@ -387,14 +437,19 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
                 pass
         raise ConfigError(f"{name}: expected an int, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise ConfigError(f"{name}: expected a float, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{name}: expected a float, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{name}: must be finite, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, Path)):
             return str(value)

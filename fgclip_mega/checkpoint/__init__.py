@@ -1,5 +1,5 @@
+from fgclip_mega.checkpoint.errors import CheckpointError
 from fgclip_mega.checkpoint.hf import (
-    CheckpointError,
     export_hf_state_dict,
     import_hf_state_dict,
     key_map,

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fgclip_mega.checkpoint.errors import CheckpointError
 from fgclip_mega.config import ModelConfig
 from fgclip_mega.models.text import stretch_positions
 
@@ -33,10 +34,6 @@ EXTRAS = {
     "logit_scale_finegraind": ("logit_scale_finegraind", "logit_scale"),
     "logit_scale_hardneg": ("logit_scale_hardneg", "logit_scale"),
 }
-
-
-class CheckpointError(ValueError):
-    """A checkpoint does not fit the model; the message names the key."""
 
 
 def key_map(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:

@@ -23,11 +23,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from fgclip_mega.checkpoint.errors import CheckpointError
+
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the file and the reason."""
 
 
 @dataclass
@@ -96,7 +94,7 @@ def rng_state() -> dict[str, Any]:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     state = {"cpu": torch.get_rng_state(), "tracker": get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -105,7 +103,7 @@ def load_rng_state(state: dict[str, Any]) -> None:
     from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
     torch.set_rng_state(state["cpu"])
-    if torch.cuda.is_available() and "cuda" in state:
+    if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
     get_cuda_rng_tracker().set_states(state["tracker"])
 
@@ -195,3 +193,54 @@ def load_checkpoint(path: Path, rank: int, layout: Layout) -> tuple[int, dict[st
     if not rank_file.is_file():
         raise CheckpointError(f"{rank_file}: missing")
     return int(meta["step"]), torch.load(rank_file, map_location="cpu", weights_only=False)
+
+
+# ----------------------------------------------------------------------------- the trainer's API
+
+
+def layout_of(state) -> Layout:
+    return Layout(world_size=state.world_size, tp_size=state.tp_size, dp_size=state.dp_size)
+
+
+def find_resume(root: Path, load: str = "") -> Path | None:
+    """The checkpoint a run starts from: this run's own newest one wins (a restarted run
+    continues where it stopped); `load` (checkpoint.load) only seeds a run that has none yet."""
+    found = find_latest(Path(root))
+    if found is None and load:
+        found = find_latest(Path(load))
+        if found is None:
+            raise CheckpointError(f"checkpoint.load={load}: no complete checkpoint there")
+    return found
+
+
+def save_training_state(
+    root: Path, step: int, state, model, optimizer, scheduler, loader, cfg
+) -> Path:
+    """Collective: every rank saves its model shard, optimizer, schedule, RNG and loader."""
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer_state(optimizer),
+        "scheduler": scheduler.state_dict(),
+        "loader": loader.state_dict(),
+        "rng": rng_state(),
+    }
+    return save_checkpoint(
+        Path(root),
+        step,
+        state.rank,
+        layout_of(state),
+        payload,
+        cfg.to_dict(),
+        cfg.checkpoint.keep_last,
+    )
+
+
+def load_training_state(path: Path, state, model, optimizer, scheduler, loader) -> int:
+    """Restores everything `save_training_state` wrote; returns the step."""
+    step, payload = load_checkpoint(path, state.rank, layout_of(state))
+    model.load_state_dict(payload["model"])
+    load_optimizer_state(optimizer, payload["optimizer"])
+    scheduler.load_state_dict(payload["scheduler"])
+    loader.load_state_dict(payload["loader"])
+    load_rng_state(payload["rng"])
+    return step

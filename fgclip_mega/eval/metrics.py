@@ -9,11 +9,13 @@ Embeddings are gathered over the data-parallel group, so every rank returns the 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fgclip_mega.train.step import forward_embeddings
+from fgclip_mega.objective import encode_batch
 
 
 def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, k: int = 1) -> float:
@@ -44,12 +46,14 @@ def _gather(x: torch.Tensor, group) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model, loader, num_batches: int, dp_group=None) -> dict[str, float]:
+def evaluate(model, loader, num_batches: int, dp_group=None, runtime=None) -> dict[str, float]:
     keys = ("image", "long_text", "short_text", "region", "region_text", "hard_region", "hard_text")
     acc: dict[str, list[torch.Tensor]] = {k: [] for k in keys}
+    device = next(model.parameters()).device
     for _ in range(num_batches):
         batch = next(loader)
-        emb = forward_embeddings(model, batch.to(next(model.parameters()).device), True)
+        with runtime.autocast() if runtime is not None else contextlib.nullcontext():
+            emb = encode_batch(model, batch.to(device), True)
         for k in keys:
             acc[k].append(getattr(emb, k).float())
     e = {k: _gather(torch.cat(v), dp_group) for k, v in acc.items()}

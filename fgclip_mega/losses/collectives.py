@@ -62,3 +62,23 @@ def ring_exchange(
         dist.P2POp(dist.irecv, recv, prv, group),
     ]
     return dist.batch_isend_irecv(ops)
+
+
+def check_same_shape(x: torch.Tensor, group: dist.ProcessGroup | None, what: str) -> None:
+    """Every rank of `group` must hold `x` with the same shape before a gather: gloo aborts the
+    process on a size mismatch and NCCL may hang or read garbage. One tiny all-gather of the
+    shapes; on GPU the comparison is a device-side assert, so no host sync."""
+    size, _ = group_size_rank(group)
+    if size == 1:
+        return
+    shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)  # (ndim,)
+    shapes = shape.new_empty(size, shape.numel())
+    dist.all_gather_into_tensor(shapes, shape, group=group)
+    same = (shapes == shape).all()
+    if x.device.type != "cpu":
+        torch._assert_async(same)
+    elif not same:
+        raise ValueError(
+            f"{what}: data-parallel ranks hold different shapes {shapes.tolist()} "
+            "(every rank needs the same micro-batch size and feature width)"
+        )

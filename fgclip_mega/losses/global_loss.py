@@ -10,7 +10,8 @@ back to the rank that owns each feature, so the gradient of this rank's features
 W * (its slice of dL/dfeatures) = dsum_r L_r / dfeatures, and the scale/bias gradient is dL_r/ds.
 Averaging parameter gradients over data-parallel ranks (what DDP does) therefore gives exactly
 the single-process gradient dL/dtheta.
-Collectives per call, independent of how many text sets share the image features:
+Collectives per call, independent of how many text sets share the image features (plus one tiny
+all-gather of the feature shapes, which must agree over ranks):
   allgather: one all_gather_into_tensor forward, one reduce_scatter_tensor backward;
   ring: W - 1 isend/irecv pairs forward, 2W - 1 backward (see ring.py), overlapped with compute.
 """
@@ -20,7 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fgclip_mega.losses.collectives import all_gather_with_grad, group_size_rank
+from fgclip_mega.losses.collectives import (
+    all_gather_with_grad,
+    check_same_shape,
+    group_size_rank,
+)
 from fgclip_mega.losses.ring import ring_pair_losses
 from kernels.contrastive import (
     pair_losses,
@@ -68,6 +73,7 @@ def global_contrastive_losses(
             return [softmax_contrastive_loss(img, t, scale, **opts) for t in txts]
         return [sigmoid_contrastive_loss(img, t, scale, bias, **opts) for t in txts]
 
+    check_same_shape(img, group, "image features of the global loss")
     # Columns other ranks need: softmax both directions (image and every text set), sigmoid
     # (one direction, image rows) only the texts. Packed so one collective moves them all.
     if kind == "softmax":

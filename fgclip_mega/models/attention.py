@@ -1,13 +1,14 @@
-"""The one attention dispatch: flash-attn on CUDA when installed, else torch SDPA, or plain math.
+"""The one attention dispatch: flash-attn on CUDA when it works, else torch SDPA, or plain math.
 
-`attention(q, k, v, causal, backend)` takes and returns (B, H, N, hd). `resolve_backend` says which
-kernel a call with given device/dtype gets; the model logs it once at build time.
+`attention(q, k, v, causal, backend)` takes and returns (B, N, H, hd), flash-attn's own layout:
+the towers pass strided views with unit last-dim stride, so no backend copies its inputs.
+`resolve_backend` says which kernel a run gets; the runtime resolves it once per run.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
+import logging
 import math
 
 import torch
@@ -15,54 +16,77 @@ import torch.nn.functional as F
 
 BACKENDS = ("auto", "flash", "sdpa", "math")
 _FLASH_DTYPES = (torch.float16, torch.bfloat16)
+_log = logging.getLogger(__name__)
 
 
 @functools.lru_cache(maxsize=1)
+def flash_attn_status() -> tuple[bool, str]:
+    """(usable, detail): flash-attn imports and its CUDA extension loads. An installed but
+    ABI-broken build fails here, at resolution, instead of at the first forward."""
+    try:
+        import flash_attn
+        from flash_attn import flash_attn_func  # noqa: F401 - imports the CUDA extension
+    except ImportError as e:
+        return False, f"not installed ({e})"
+    except Exception as e:  # noqa: BLE001 - a broken build is reported, not raised
+        return False, f"import failed: {type(e).__name__}: {e}"
+    return True, str(getattr(flash_attn, "__version__", "installed"))
+
+
 def flash_attn_installed() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return flash_attn_status()[0]
 
 
 def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel `attention` uses for inputs on `device` with `dtype`: flash, sdpa or math."""
+    """The kernel `attention` uses on `device` when the towers compute in `dtype` (the autocast
+    dtype under autocast, where q/k/v are cast to it): flash, sdpa or math."""
     if requested not in BACKENDS:
         raise ValueError(f"attention backend {requested!r} is not one of {BACKENDS}")
-    flash_ok = flash_attn_installed() and device.type == "cuda" and dtype in _FLASH_DTYPES
+    device = torch.device(device)
+    usable, detail = flash_attn_status() if device.type == "cuda" else (False, "no CUDA")
+    flash_ok = usable and dtype in _FLASH_DTYPES
     if requested == "auto":
         return "flash" if flash_ok else "sdpa"
     if requested == "flash" and not flash_ok:
         raise RuntimeError(
-            "attention backend 'flash' needs the flash_attn package, a CUDA device and fp16/bf16 "
-            f"inputs (installed={flash_attn_installed()}, device={device}, dtype={dtype}); "
+            "model.attention_backend=flash needs a working flash_attn, a CUDA device and "
+            f"fp16/bf16 compute (flash_attn: {detail}; device={device}, dtype={dtype}); "
             "use 'auto' or 'sdpa'"
         )
     return requested
 
 
 def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Reference softmax(q k^T / sqrt(hd)) v in fp32; (B, H, N, hd) -> (B, H, N, hd)."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, N, N)
+    """Reference softmax(q k^T / sqrt(hd)) v in fp32; (B, N, H, hd) -> (B, N, H, hd)."""
+    q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, N, hd)
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, N, N)
     if causal:
         n = q.shape[-2]
         future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-    return (scores.softmax(dim=-1) @ v.float()).to(q.dtype)
+    return (scores.softmax(dim=-1) @ v).transpose(1, 2)
 
 
-def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool):
+    """flash-attn on (B, N, H, hd) bf16/fp16 with unit last-dim stride (no copy needed)."""
     from flash_attn import flash_attn_func
 
-    # flash-attn wants (B, N, H, hd) contiguous.
-    q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-    return flash_attn_func(q, k, v, causal=causal).transpose(1, 2)
+    return flash_attn_func(q, k, v, causal=causal)
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str = "auto"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str = "sdpa"
 ) -> torch.Tensor:
-    """Scaled dot-product self-attention; q, k, v (B, H, N, hd) -> (B, H, N, hd)."""
-    name = resolve_backend(backend, q.device, q.dtype)
-    if name == "flash":
-        return _flash(q, k, v, causal)
-    if name == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-    return math_attention(q, k, v, causal)
+    """Scaled dot-product self-attention; q, k, v (B, N, H, hd) -> (B, N, H, hd) in q's dtype.
+
+    `backend` is a resolved name (flash, sdpa, math); 'auto' resolves here per call."""
+    if backend == "auto":
+        backend = resolve_backend(backend, q.device, q.dtype)
+    if backend == "flash":
+        return flash_attention(q, k, v, causal)
+    if backend == "sdpa":
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        )  # (B, H, N, hd)
+        return out.transpose(1, 2)
+    return math_attention(q, k, v, causal).to(q.dtype)

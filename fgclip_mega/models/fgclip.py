@@ -12,30 +12,21 @@ import logging
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear
 from torch import nn
 
 from fgclip_mega.config import ModelConfig, ParallelConfig
 from fgclip_mega.models.attention import resolve_backend
-from fgclip_mega.models.layers import normal_init
+from fgclip_mega.models.layers import CheckpointPolicy, normal_init
 from fgclip_mega.models.regions import pool_regions
 from fgclip_mega.models.text import TextTower
 from fgclip_mega.models.vision import VisionTower
+from fgclip_mega.parallel.wrap import megatron_config
 
 log = logging.getLogger(__name__)
 
 
-def _megatron_config(tp: int, sequence_parallel: bool, dtype: torch.dtype) -> ModelParallelConfig:
-    # CPU initialisation builds each full weight from the global RNG and slices it, so weights are
-    # identical for every TP size given the seed (the GPU path seeds per rank instead).
-    return ModelParallelConfig(
-        tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-        params_dtype=dtype,
-    )
+TEMPERATURES = ("logit_scale", "logit_scale_finegraind", "logit_scale_hardneg")
 
 
 class FGCLIPModel(nn.Module):
@@ -46,12 +37,14 @@ class FGCLIPModel(nn.Module):
         *,
         params_dtype: torch.dtype = torch.float32,
         compute_dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
+        device: torch.device | str = "cpu",
+        attention_backend: str | None = None,
         tp_group: dist.ProcessGroup | None = None,
     ):
-        """Builds on the TP group of megatron's parallel_state (set up by
-        `fgclip_mega.parallel.init_parallel`) unless `tp_group` is given. Seed the global RNG
-        identically on all ranks before building: replicated weights must match over TP."""
+        """Builds on `tp_group` (default: megatron's TP group, set up by
+        `fgclip_mega.parallel.init_parallel`). The trainer passes the runtime's device, dtypes
+        and resolved attention backend (`from_runtime`). Seed the global RNG identically on all
+        ranks before building: replicated weights must match over TP."""
         super().__init__()
         if tp_group is None:
             if not ps.model_parallel_is_initialized():
@@ -76,30 +69,19 @@ class FGCLIPModel(nn.Module):
         ):
             if value % tp:
                 raise ValueError(f"{name}={value} is not divisible by the TP size {tp}")
-        if device is None:
-            device = (
-                torch.device("cuda", torch.cuda.current_device())
-                if torch.cuda.is_available()
-                else torch.device("cpu")
-            )
         device = torch.device(device)
         self.cfg, self.tp_group = cfg, tp_group
         sp = parallel.sequence_parallel and tp > 1
-        self.tp_config = _megatron_config(tp, sp, params_dtype)
+        self.tp_config = megatron_config(tp, sp, params_dtype)
         # Projections act on pooled (B, D) rows that are replicated, never sequence-split.
-        proj_config = _megatron_config(tp, False, params_dtype)
+        proj_config = megatron_config(tp, False, params_dtype)
 
-        backend = cfg.attention_backend
-        self.attention_backend = resolve_backend(backend, device, compute_dtype or params_dtype)
-        log.info(
-            "attention backend: %s (requested %s, %s, %s)",
-            self.attention_backend,
-            backend,
-            device,
-            compute_dtype or params_dtype,
-        )
+        compute = compute_dtype or params_dtype
+        backend = attention_backend or resolve_backend(cfg.attention_backend, device, compute)
+        self.attention_backend = backend
+        log.info("attention backend: %s (%s, compute %s)", backend, device, compute)
 
-        ckpt = parallel.activation_checkpointing
+        ckpt = CheckpointPolicy.from_config(parallel)
         self.vision = VisionTower(cfg.vision, self.tp_config, tp_group, backend, ckpt)
         self.text = TextTower(cfg.text, self.tp_config, tp_group, backend, ckpt)
 
@@ -119,10 +101,16 @@ class FGCLIPModel(nn.Module):
         self.text_filip_projection = projection(cfg.text.width)  # long captions
         with torch.no_grad():
             self.text_filip_projection.weight.copy_(self.text_projection.weight)
-        scale = torch.tensor(cfg.logit_scale_init, dtype=params_dtype)
+        # Temperatures stay fp32 whatever params_dtype is: megatron's mixed-precision optimizer
+        # then steps them in place (no bf16 copy), so clamping the model param clamps the
+        # optimizer's main param too.
+        scale = torch.tensor(cfg.logit_scale_init, dtype=torch.float32)
         self.logit_scale = nn.Parameter(scale.clone())  # global image-text
         self.logit_scale_finegraind = nn.Parameter(scale.clone())  # regions (FG-CLIP's spelling)
         self.logit_scale_hardneg = nn.Parameter(scale.clone())  # hard negatives
+        self.logit_bias = None
+        if cfg.logit_bias_init is not None:  # SigLIP's learnable bias of the global logits
+            self.logit_bias = nn.Parameter(torch.tensor(cfg.logit_bias_init, dtype=torch.float32))
         # As in CLIP: no weight decay on embeddings and position tables either (the optimizer in
         # fgclip_mega/parallel/wrap.py also skips every param of < 2 dims: norms, biases, scales).
         for p in (
@@ -135,6 +123,32 @@ class FGCLIPModel(nn.Module):
         ):
             p.no_weight_decay = True
         self.to(device)
+
+    @classmethod
+    def from_runtime(cls, cfg: ModelConfig, parallel: ParallelConfig, runtime) -> FGCLIPModel:
+        """Built with a `fgclip_mega.runtime.Runtime`'s device, dtypes and attention backend."""
+        return cls(
+            cfg,
+            parallel,
+            params_dtype=runtime.params_dtype,
+            compute_dtype=runtime.compute_dtype,
+            device=runtime.device,
+            attention_backend=runtime.attention,
+        )
+
+    def temperatures(self) -> dict[str, nn.Parameter]:
+        """The learnable logit scales (log temperatures) and, when present, the SigLIP bias:
+        one group for the objective, clamping, logging and checkpoint extras."""
+        group = {name: getattr(self, name) for name in TEMPERATURES}
+        if self.logit_bias is not None:
+            group["logit_bias"] = self.logit_bias
+        return group
+
+    @torch.no_grad()
+    def clamp_temperatures(self, max_logit_scale: float) -> None:
+        """As in CLIP/open_clip: every log temperature in [0, max] after each update."""
+        for name in TEMPERATURES:
+            getattr(self, name).clamp_(0.0, max_logit_scale)
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -162,12 +176,10 @@ class FGCLIPModel(nn.Module):
         proj = self.text_filip_projection if long else self.text_projection
         return proj(pooled)[0]
 
-    def region_embeddings(
-        self, dense: torch.Tensor, boxes: torch.Tensor, counts: torch.Tensor
-    ) -> torch.Tensor:
-        """dense (B, P, g, g); boxes (B, K, 4) normalised xyxy, padded; counts (B,) valid boxes
-        -> (sum counts, P) fp32, RoIAlign-pooled, ordered image by image."""
-        return pool_regions(dense, boxes, counts)
+    def region_embeddings(self, dense: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
+        """dense (B, P, g, g); rois (R, 5) [image index, x1, y1, x2, y2] normalised xyxy
+        -> (R, P) fp32, RoIAlign-pooled."""
+        return pool_regions(dense, rois)
 
     def forward(
         self,

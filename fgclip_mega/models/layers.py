@@ -9,6 +9,7 @@ sequence-first, (N, B, D), the layout megatron's sequence-parallel mappings spli
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -16,13 +17,51 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
     RowParallelLinear,
-    checkpoint,
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from fgclip_mega.models.attention import attention
+
+
+@dataclass(frozen=True)
+class CheckpointPolicy:
+    """Which activations are recomputed in backward instead of kept."""
+
+    enabled: bool = False
+    """Any recomputation at all."""
+    granularity: str = "block"
+    """'block': the whole block (+1 forward of it); 'mlp': only its MLP (the widest tensors)."""
+    every: int = 1
+    """Only blocks 0, k, 2k, ... are recomputed."""
+
+    @classmethod
+    def from_config(cls, parallel) -> CheckpointPolicy:
+        return cls(
+            parallel.activation_checkpointing,
+            parallel.checkpoint_granularity,
+            parallel.checkpoint_every,
+        )
+
+    def applies(self, index: int, part: str) -> bool:
+        return (
+            self.enabled
+            and torch.is_grad_enabled()
+            and index % self.every == 0
+            and part == self.granularity
+        )
+
+
+def recompute(fn, *args):
+    """Activation checkpointing that recomputes exactly the forward it replaces.
+
+    torch's non-reentrant checkpoint records the autocast state (and the CPU/CUDA RNG) of the
+    forward and re-enters it in the recompute; megatron's `checkpoint` does not, so under bf16
+    autocast it recomputed in fp32. CLIP has no dropout, so megatron's TP RNG tracker is not
+    needed here."""
+    return checkpoint(fn, *args, use_reentrant=False)
 
 
 def normal_init(std: float):
@@ -85,8 +124,13 @@ class SelfAttention(nn.Module):
         )
 
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N or N/tp, B, D) -> q, k, v each (N, B, H/tp, hd); SP inputs are gathered here."""
+        """(N or N/tp, B, D) -> q, k, v each (N, B, H/tp, hd); SP inputs are gathered here.
+
+        Under autocast they come out in the autocast dtype: megatron's linear adds its bias
+        outside autocast, which would hand fp32 q/k/v (never flash-eligible) to attention."""
         qkv, _ = self.qkv(x)  # (N, B, 3 * H/tp * hd)
+        if torch.is_autocast_enabled(qkv.device.type):
+            qkv = qkv.to(torch.get_autocast_dtype(qkv.device.type))
         n, b = qkv.shape[:2]
         return qkv.view(n, b, 3, self.heads_local, self.head_dim).unbind(2)
 
@@ -96,9 +140,10 @@ class SelfAttention(nn.Module):
         """q, k, v (N, B, H/tp, hd); tokens >= n_valid are sequence-parallel padding and are
         left out of the attention (their output is zero)."""
         n, b = q.shape[:2]
-        q, k, v = (t[:n_valid].permute(1, 2, 0, 3) for t in (q, k, v))  # (B, H/tp, n, hd)
-        out = attention(q, k, v, causal=self.causal, backend=self.backend)
-        out = out.permute(2, 0, 1, 3).reshape(n_valid, b, -1)  # (n, B, H/tp * hd)
+        # (B, n, H/tp, hd) views with unit last-dim stride: flash-attn's layout, no copies.
+        q, k, v = (t[:n_valid].transpose(0, 1) for t in (q, k, v))
+        out = attention(q, k, v, causal=self.causal, backend=self.backend)  # (B, n, H/tp, hd)
+        out = out.transpose(0, 1).reshape(n_valid, b, -1)  # (n, B, H/tp * hd)
         if n_valid < n:
             out = torch.cat([out, out.new_zeros(n - n_valid, *out.shape[1:])])
         return self.out_proj(out)[0]  # (N or N/tp, B, D)
@@ -153,6 +198,12 @@ class Block(nn.Module):
         self.attn = SelfAttention(width, heads, layers, causal, config, tp_group, backend)
         self.norm2 = layer_norm(width, eps, sp)
         self.mlp = MLP(width, mlp_width, layers, config, tp_group)
+        self.recompute_mlp = False  # set by Transformer from its CheckpointPolicy
+
+    def _mlp(self, h: torch.Tensor) -> torch.Tensor:
+        if self.recompute_mlp and torch.is_grad_enabled():
+            return recompute(lambda t: self.mlp(self.norm2(t)), h)
+        return self.mlp(self.norm2(h))
 
     def forward(
         self, x: torch.Tensor, n_valid: int, with_dense: bool = False
@@ -161,11 +212,11 @@ class Block(nn.Module):
         attention replaced by the value path (FG-CLIP's dense features), sharing ln1 and qkv."""
         q, k, v = self.attn.project_qkv(self.norm1(x))
         h = x + self.attn(q, k, v, n_valid)
-        out = h + self.mlp(self.norm2(h))
+        out = h + self._mlp(h)
         if not with_dense:
             return out
         d = x + self.attn.value_path(v)
-        return out, d + self.mlp(self.norm2(d))
+        return out, d + self._mlp(d)
 
 
 class Transformer(nn.Module):
@@ -182,21 +233,25 @@ class Transformer(nn.Module):
         config,
         tp_group,
         backend,
-        activation_checkpointing: bool,
+        checkpointing: CheckpointPolicy,
     ):
         super().__init__()
         self.blocks = nn.ModuleList(
             Block(width, heads, mlp_width, layers, eps, causal, config, tp_group, backend)
             for _ in range(layers)
         )
+        for i, block in enumerate(self.blocks):
+            block.recompute_mlp = checkpointing.enabled and (
+                checkpointing.granularity == "mlp" and i % checkpointing.every == 0
+            )
         self.tp_group = tp_group
         self.sequence_parallel = config.sequence_parallel
-        self.activation_checkpointing = activation_checkpointing
+        self.checkpointing = checkpointing
 
-    def _run(self, block: Block, x: torch.Tensor, n_valid: int, with_dense: bool):
-        if self.activation_checkpointing and torch.is_grad_enabled():
-            # megatron's checkpoint also restores the TP RNG-tracker state for the recompute.
-            return checkpoint(lambda t: block(t, n_valid, with_dense), False, x)
+    def _run(self, i: int, x: torch.Tensor, n_valid: int, with_dense: bool):
+        block = self.blocks[i]
+        if self.checkpointing.applies(i, "block"):
+            return recompute(lambda t: block(t, n_valid, with_dense), x)
         return block(x, n_valid, with_dense)
 
     def forward(
@@ -213,12 +268,12 @@ class Transformer(nn.Module):
                 x = torch.cat([x, x.new_zeros(pad, *x.shape[1:])])
             x = scatter_to_sequence_parallel_region(x, group=self.tp_group)  # (N/tp, B, D)
         dense = None
-        for i, block in enumerate(self.blocks):
+        for i in range(len(self.blocks)):
             last = i == len(self.blocks) - 1
             if last and with_dense:
-                x, dense = self._run(block, x, n, True)
+                x, dense = self._run(i, x, n, True)
             else:
-                x = self._run(block, x, n, False)
+                x = self._run(i, x, n, False)
         outs = [x] if dense is None else [x, dense]
         if self.sequence_parallel:
             # Everything after the tower is replicated over TP, so the backward only splits.

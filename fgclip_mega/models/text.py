@@ -9,7 +9,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
 from fgclip_mega.config import TextConfig
-from fgclip_mega.models.layers import Transformer, normal_init
+from fgclip_mega.models.layers import CheckpointPolicy, Transformer, normal_init
 
 
 def stretch_positions(old: torch.Tensor, keep: int, new_len: int) -> torch.Tensor:
@@ -32,6 +32,21 @@ def stretch_positions(old: torch.Tensor, keep: int, new_len: int) -> torch.Tenso
     return torch.cat([old[:keep], inner.flatten(0, 1), tail])
 
 
+def _check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
+    # megatron's vocab-parallel lookup embeds ids outside a rank's rows as zeros, so at TP >= 2
+    # an id >= vocab_size would silently become a zero vector. On GPU a device-side assert
+    # (no host sync); on CPU a clear error.
+    ok = ((tokens >= 0) & (tokens < vocab_size)).all()
+    if tokens.device.type != "cpu":
+        torch._assert_async(ok)
+    elif not ok:
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)]
+        raise ValueError(
+            f"text token ids must be in [0, model.text.vocab_size={vocab_size}); "
+            f"got {bad[:8].tolist()} (min {int(tokens.min())}, max {int(tokens.max())})"
+        )
+
+
 class TextTower(nn.Module):
     def __init__(
         self,
@@ -39,7 +54,7 @@ class TextTower(nn.Module):
         config: ModelParallelConfig,
         tp_group: dist.ProcessGroup,
         backend: str,
-        activation_checkpointing: bool,
+        checkpointing: CheckpointPolicy,
     ):
         super().__init__()
         self.cfg = cfg
@@ -66,7 +81,7 @@ class TextTower(nn.Module):
             config=config,
             tp_group=tp_group,
             backend=backend,
-            activation_checkpointing=activation_checkpointing,
+            checkpointing=checkpointing,
         )
         self.final_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 
@@ -86,6 +101,7 @@ class TextTower(nn.Module):
         """tokens (B, L) int -> final_norm of the hidden state at each row's first end-of-text
         token, (B, D). A row without one (a caption cut at L) pools its last token."""
         b, n = tokens.shape
+        _check_token_ids(tokens, self.cfg.vocab_size)
         x = self.token_embedding(tokens) + self.positions(n, long)  # (B, L, D)
         x = self.transformer(x.transpose(0, 1))  # (L, B, D)
         is_eos = tokens == self.cfg.eos_token_id

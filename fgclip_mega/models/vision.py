@@ -8,7 +8,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from fgclip_mega.config import VisionConfig
-from fgclip_mega.models.layers import Transformer
+from fgclip_mega.models.layers import CheckpointPolicy, Transformer
 
 
 class VisionTower(nn.Module):
@@ -18,7 +18,7 @@ class VisionTower(nn.Module):
         config: ModelParallelConfig,
         tp_group: dist.ProcessGroup,
         backend: str,
-        activation_checkpointing: bool,
+        checkpointing: CheckpointPolicy,
     ):
         super().__init__()
         self.cfg = cfg
@@ -39,7 +39,7 @@ class VisionTower(nn.Module):
             config=config,
             tp_group=tp_group,
             backend=backend,
-            activation_checkpointing=activation_checkpointing,
+            checkpointing=checkpointing,
         )
         self.post_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from fgclip_mega.config import ParallelConfig
+from fgclip_mega import runtime as rt
+from fgclip_mega.config import Config, ParallelConfig
 from fgclip_mega.parallel import cpu_compat
 
 
@@ -42,6 +43,8 @@ class ParallelState:
     """Where this rank computes."""
     backend: str
     """torch.distributed backend in use."""
+    runtime: rt.Runtime | None = None
+    """Device, dtypes and resolved kernels of the run (when init_parallel got the Config)."""
 
 
 def _free_port() -> int:
@@ -59,7 +62,7 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if backend == "auto":
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if rt.cuda_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(
@@ -71,14 +74,19 @@ def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[
     return rank, world_size
 
 
-def init_parallel(cfg: ParallelConfig, seed: int = 42) -> ParallelState:
-    """torch.distributed, then TP x DP groups and the model-parallel RNG tracker."""
+def init_parallel(
+    cfg: ParallelConfig | Config, seed: int = 42, *, with_decode: bool = True
+) -> ParallelState:
+    """torch.distributed, then TP x DP groups and the model-parallel RNG tracker. Given the whole
+    `Config`, also resolves the run's `Runtime` (device, dtypes, kernels) into `state.runtime`."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
+    config = cfg if isinstance(cfg, Config) else None
+    cfg = config.parallel if config is not None else cfg
     rank, world_size = init_distributed(cfg.backend, cfg.timeout_minutes)
     cfg.data_parallel_size(world_size)  # validates that TP divides the world
-    if not torch.cuda.is_available():
+    if not rt.cuda_available():
         cpu_compat.enable()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
@@ -89,11 +97,11 @@ def init_parallel(cfg: ParallelConfig, seed: int = 42) -> ParallelState:
     # get different dropout inside sharded regions and identical dropout outside them.
     model_parallel_cuda_manual_seed(seed)
     torch.manual_seed(seed)
-    device = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
+    device = rt.default_device()
+    rt.configure_device(device)
+    runtime = None
+    if config is not None:
+        runtime = rt.resolve_runtime(config, device, with_decode=with_decode)
     return ParallelState(
         rank=rank,
         world_size=world_size,
@@ -105,6 +113,7 @@ def init_parallel(cfg: ParallelConfig, seed: int = 42) -> ParallelState:
         dp_group=ps.get_data_parallel_group(),
         device=device,
         backend=dist.get_backend(),
+        runtime=runtime,
     )
 
 

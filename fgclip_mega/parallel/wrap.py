@@ -8,6 +8,9 @@ shards Adam state over DP ranks), with gradient clipping over the model-parallel
 
 from __future__ import annotations
 
+import logging
+from typing import TYPE_CHECKING
+
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
@@ -16,21 +19,28 @@ from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
 from megatron.core.transformer import TransformerConfig
 
-from fgclip_mega.config import OptimizerConfig, ParallelConfig, PrecisionConfig
+from fgclip_mega.config import Config, OptimizerConfig, ParallelConfig
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+if TYPE_CHECKING:
+    from fgclip_mega.models import FGCLIPModel
+
+_log = logging.getLogger(__name__)
 
 
-def megatron_config(parallel: ParallelConfig, precision: PrecisionConfig) -> TransformerConfig:
-    """The megatron-core config object its DDP and layers read (sizes are ours, not megatron's)."""
-    params_dtype = TORCH_DTYPES[precision.params_dtype]
+def megatron_config(
+    tensor_parallel_size: int, sequence_parallel: bool, params_dtype: torch.dtype
+) -> TransformerConfig:
+    """The one megatron-core config object: the model's TP layers and DDP read it (sizes are
+    ours, not megatron's). CPU initialisation builds each full weight from the global RNG and
+    slices it, so weights are identical for every TP size given the seed."""
+    tp = tensor_parallel_size
     return TransformerConfig(
         # Placeholders: megatron validates them, our towers carry their own sizes.
         num_layers=1,
-        hidden_size=64 * parallel.tensor_parallel_size,
-        num_attention_heads=parallel.tensor_parallel_size,
-        tensor_model_parallel_size=parallel.tensor_parallel_size,
-        sequence_parallel=parallel.sequence_parallel and parallel.tensor_parallel_size > 1,
+        hidden_size=64 * tp,
+        num_attention_heads=tp,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel and tp > 1,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         use_cpu_initialization=True,
@@ -38,21 +48,44 @@ def megatron_config(parallel: ParallelConfig, precision: PrecisionConfig) -> Tra
     )
 
 
+def build_parallel_model(cfg: Config, runtime) -> tuple[FGCLIPModel, DistributedDataParallel]:
+    """Where the model is parallelised, in one visible step: tensor-parallel layers (and
+    sequence parallelism) from `parallel.*`, activation checkpointing per its policy, then
+    megatron DDP over the data-parallel group. Seed the global RNG identically on every rank
+    first: replicated weights must match over TP."""
+    from fgclip_mega.models import FGCLIPModel
+
+    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, runtime)
+    if cfg.checkpoint.init_from:
+        from fgclip_mega.checkpoint import import_hf_state_dict
+
+        report = import_hf_state_dict(model, cfg.checkpoint.init_from)
+        _log.info("initialised from %s (derived: %s)", cfg.checkpoint.init_from, report["derived"])
+    return model, wrap_data_parallel(model, cfg.parallel, runtime)
+
+
 def wrap_data_parallel(
-    module: torch.nn.Module, parallel: ParallelConfig, precision: PrecisionConfig
+    module: torch.nn.Module, parallel: ParallelConfig, runtime
 ) -> DistributedDataParallel:
+    overlap = parallel.overlap_grad_reduce
+    if overlap is None:  # on by default where there is something to overlap with
+        overlap = runtime.device.type == "cuda"
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=parallel.overlap_grad_reduce,
+        overlap_grad_reduce=overlap,
+        # ZeRO-1: the parameter all-gather after the step overlaps the next forward.
+        overlap_param_gather=overlap and parallel.use_distributed_optimizer,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
         # Gradients are averaged over DP ranks: each rank's loss is its local mean.
         average_in_collective=True,
-        # Fail at the step that produced a NaN/Inf gradient, naming the parameter.
-        check_for_nan_in_grad=True,
+        # Checked once per step on the gradient norm by the trainer (which names the
+        # parameters then), not per bucket inside backward hooks (two host syncs each).
+        check_for_nan_in_grad=False,
     )
-    return DistributedDataParallel(
-        config=megatron_config(parallel, precision), ddp_config=ddp_config, module=module
+    config = megatron_config(
+        parallel.tensor_parallel_size, parallel.sequence_parallel, runtime.params_dtype
     )
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
 
 
 def skips_weight_decay(param: torch.nn.Parameter) -> bool:
@@ -65,10 +98,12 @@ def build_optimizer(
     model: DistributedDataParallel,
     optim: OptimizerConfig,
     parallel: ParallelConfig,
-    precision: PrecisionConfig,
+    runtime,
     total_steps: int,
 ):
-    """AdamW through megatron-core, linear warm-up then cosine decay."""
+    """AdamW through megatron-core (mixed precision with fp32 main params when the weights are
+    bf16), linear warm-up then cosine decay."""
+    bf16 = runtime.params_dtype == torch.bfloat16
     mcfg = McoreOptimizerConfig(
         optimizer="adam",
         lr=optim.lr,
@@ -78,8 +113,8 @@ def build_optimizer(
         adam_beta2=optim.beta2,
         adam_eps=optim.eps,
         clip_grad=optim.clip_grad,
-        bf16=precision.params_dtype == "bf16",
-        params_dtype=TORCH_DTYPES[precision.params_dtype],
+        bf16=bf16,
+        params_dtype=runtime.params_dtype,
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     no_decay = ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=skips_weight_decay))
@@ -98,5 +133,18 @@ def build_optimizer(
         end_wd=optim.weight_decay,
         wd_incr_steps=max(total_steps, 1),
         wd_incr_style="constant",
+        # On resume the config's schedule wins (only the step count comes from the
+        # checkpoint): a run extended with a larger train.steps keeps learning.
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
     )
     return optimizer, scheduler
+
+
+def apply_optimizer_hyperparams(optimizer, optim: OptimizerConfig) -> None:
+    """After loading optimizer state: the config's betas/eps win over the checkpoint's
+    (torch restores them with the param groups); lr and weight decay come from the schedule."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for group in opt.param_groups:
+            group["betas"] = (optim.beta1, optim.beta2)
+            group["eps"] = optim.eps

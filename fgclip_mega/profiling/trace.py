@@ -9,20 +9,27 @@ import torch
 
 
 @contextlib.contextmanager
-def maybe_torch_profiler(output_dir: Path | None, wait: int = 1, warmup: int = 1, active: int = 3):
+def maybe_torch_profiler(
+    output_dir: Path | None,
+    device: torch.device | str = "cpu",
+    wait: int = 1,
+    warmup: int = 1,
+    active: int = 3,
+):
     """Yields a `step()` callable; profiles `active` steps after `wait + warmup` when enabled."""
+    cuda = torch.device(device).type == "cuda"
     if output_dir is None:
         yield lambda: None
         return
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     activities = [torch.profiler.ProfilerActivity.CPU]
-    if torch.cuda.is_available():
+    if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
 
     def on_trace_ready(prof):
         prof.export_chrome_trace(str(output_dir / f"trace_step{prof.step_num}.json"))
-        sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
         (output_dir / "top_ops.txt").write_text(
             prof.key_averages().table(sort_by=sort, row_limit=40)
         )

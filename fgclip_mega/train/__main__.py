@@ -29,17 +29,22 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.preset, args.config, args.overrides)
     except ConfigError as e:
         parser.error(str(e))
+    from fgclip_mega.checkpoint import CheckpointError
     from fgclip_mega.train.loop import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
+        # A user error (a wrong path, a bad checkpoint, an impossible layout): one clear line.
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if rank == 0:
-        last = result.losses[-1] if result.losses else {}
-        evals = result.evals[-1] if result.evals else {}
         summary = {
             "steps": result.last_step,
-            "final": last,
-            "eval": evals,
+            "final": result.final,
+            "eval": result.evals[-1] if result.evals else {},
             "checkpoint": result.checkpoint,
+            "preempted": result.preempted,
         }
         print(json.dumps(summary))
     return 0

@@ -16,25 +16,41 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self.records: list[dict] = []
+        self.evals: list[dict] = []
         self._t0 = time.perf_counter()
         self._last_t = self._t0
         self._last_samples = 0
         self._samples = 0
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._drop_records_after(resume_step)
+        self._drop_records_after(resume_step)
 
     def _drop_records_after(self, step: int) -> None:
         # After a resume the steps past the checkpoint are trained again: keep the file in order.
+        # Every rank reads the records (a finished run reports them); rank 0 rewrites the file.
         if not self.path.is_file():
             return
-        kept = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= step
-        ]
-        self.records = [r for r in map(json.loads, kept) if "eval" not in r]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                if line.strip() and json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                log.warning("%s: dropping an unreadable line (an interrupted write)", self.path)
+        records = [json.loads(line) for line in kept]
+        self.records = [r for r in records if "eval" not in r]
+        self.evals = [{"step": r["step"], **r["eval"]} for r in records if "eval" in r]
+        if self.enabled:
+            self.path.write_text("".join(line + "\n" for line in kept))
+
+    def last_record(self) -> dict:
+        return dict(self.records[-1]) if self.records else {}
+
+    def last_eval(self) -> dict:
+        return dict(self.evals[-1]) if self.evals else {}
+
+    def has_eval(self, step: int) -> bool:
+        return any(e["step"] == step for e in self.evals)
 
     def add_samples(self, n: int) -> None:
         self._samples += n
@@ -65,6 +81,7 @@ class MetricsLogger:
         self._last_t, self._last_samples = now, self._samples
 
     def log_eval(self, step: int, values: dict[str, float]) -> None:
+        self.evals.append({"step": step, **values})
         if not self.enabled:
             return
         with self.path.open("a") as fh:

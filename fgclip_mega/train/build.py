@@ -1,0 +1,90 @@
+"""Everything a training run holds, built in one place: model (parallelised in
+`parallel.wrap.build_parallel_model`), optimizer and schedule, loader, objective, logs."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fgclip_mega.config import Config
+from fgclip_mega.data import build_loader
+from fgclip_mega.objective import Objective
+from fgclip_mega.parallel import ParallelState
+from fgclip_mega.parallel.wrap import build_optimizer, build_parallel_model
+from fgclip_mega.profiling import PhaseTimer
+from fgclip_mega.runtime import Runtime
+
+log = logging.getLogger("fgclip_mega.train")
+
+
+@dataclass
+class TrainingRun:
+    cfg: Config
+    """The validated configuration."""
+    state: ParallelState
+    """Ranks and process groups."""
+    runtime: Runtime
+    """Device, dtypes and kernels."""
+    model: torch.nn.Module
+    """The FGCLIPModel (this rank's TP shard)."""
+    ddp: torch.nn.Module
+    """megatron DDP around the model."""
+    optimizer: object
+    """megatron optimizer (mixed precision / distributed when configured)."""
+    scheduler: object
+    """megatron's LR schedule (the config's values win over a checkpoint's)."""
+    loader: object
+    """The training loader of this DP rank."""
+    objective: Objective
+    """The stage's loss terms."""
+    timer: PhaseTimer
+    """Per-phase times."""
+
+    @property
+    def regional(self) -> bool:
+        return self.cfg.train.stage == "regional"
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.cfg.train.output_dir)
+
+
+def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
+    runtime = state.runtime
+    log.info(
+        "world %d = TP %d x DP %d; stage %s; %d steps; runtime %s",
+        state.world_size,
+        state.tp_size,
+        state.dp_size,
+        cfg.train.stage,
+        cfg.train.steps,
+        runtime.describe(),
+    )
+    # Same global seed on every rank before building: replicated weights must match over TP.
+    torch.manual_seed(cfg.train.seed)
+    model, ddp = build_parallel_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(
+        ddp, cfg.optim, cfg.parallel, runtime, total_steps=cfg.train.steps
+    )
+    loader = build_loader(
+        cfg.data,
+        cfg.model.vision.image_size,
+        cfg.model.text.short_context,
+        cfg.model.text.long_context,
+        dp_rank=state.dp_rank,
+        dp_size=state.dp_size,
+        device=runtime.device,
+    )
+    objective = Objective(
+        cfg.loss,
+        regional=cfg.train.stage == "regional",
+        impl=runtime.contrastive,
+        dp_group=state.dp_group,
+    )
+    return TrainingRun(
+        cfg, state, runtime, model, ddp, optimizer, scheduler, loader, objective,
+        PhaseTimer(runtime.device),
+    )  # fmt: skip

@@ -1,0 +1,49 @@
+"""Held-out evaluation inside a training run: a fresh loader over exactly one pass of the
+evaluation set (data.eval_shards, or a synthetic set with another seed)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fgclip_mega.data import build_loader
+from fgclip_mega.eval import evaluate
+
+
+def eval_data_config(run):
+    data, state = run.cfg.data, run.state
+    return dataclasses.replace(
+        data,
+        shards=data.eval_shards,
+        synthetic_dir=f"{data.synthetic_dir}_eval",
+        # Exactly the evaluated samples: each appears once, so retrieval has one true match.
+        synthetic_num_samples=run.cfg.train.eval_batches * data.micro_batch_size * state.dp_size,
+        seed=data.seed + 1,
+    )
+
+
+def evaluate_during_training(run, at_step: int, metrics) -> dict[str, float]:
+    cfg, state = run.cfg, run.state
+    data = eval_data_config(run)
+    loader = build_loader(
+        data,
+        cfg.model.vision.image_size,
+        cfg.model.text.short_context,
+        cfg.model.text.long_context,
+        dp_rank=state.dp_rank,
+        dp_size=state.dp_size,
+        device=run.runtime.device,
+    )
+    try:
+        # One pass at most: the loader is endless and would repeat samples.
+        per_pass = loader.shards.num_samples // (data.micro_batch_size * state.dp_size)
+        batches = min(cfg.train.eval_batches, per_pass)
+        if batches < 1:
+            raise ValueError(
+                f"data.eval_shards={data.shards or data.synthetic_dir}: fewer samples than one "
+                f"global batch ({data.micro_batch_size} x {state.dp_size} ranks)"
+            )
+        result = evaluate(run.model, loader, batches, state.dp_group, runtime=run.runtime)
+    finally:
+        loader.close()
+    metrics.log_eval(at_step, result)
+    return result
