@@ -1,5 +1,6 @@
 # Tests of the fgclip RoIAlign operator (kernels/roi_align) against torchvision.ops.roi_align.
 # The session fixture builds the native library with run/build_ext.sh (quick when up to date).
+import json
 import os
 import shutil
 import subprocess
@@ -10,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from kernels.roi_align import (
     _lib,
@@ -17,6 +20,7 @@ from kernels.roi_align import (
     load_library,
     ops,
     pool_boxes,
+    pool_rois,
     roi_align,
     roi_align_reference,
     select_backend,
@@ -276,9 +280,9 @@ def test_edge_cases():
     assert empty.shape == (0, 3, 2, 3)
     (g,) = torch.autograd.grad(empty.sum(), x)
     assert torch.equal(g, torch.zeros_like(x))
-    with pytest.raises(RuntimeError, match="batch index"):
+    with pytest.raises(ValueError, match="batch index"):
         roi_align(x, torch.tensor([[2.0, 0, 0, 1, 1]]), 1)
-    with pytest.raises(RuntimeError, match=r"\(K, 5\)"):
+    with pytest.raises(ValueError, match=r"\(K, 5\)"):
         roi_align(x, torch.zeros(3, 4), 1)
     # Meta tensors go through the registered fake kernel (torch.compile tracing).
     meta = torch.ops.fgclip.roi_align(
@@ -349,6 +353,281 @@ def test_env_override_and_missing_library(tmp_path):
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
+def test_cuda_without_extension_is_an_error(monkeypatch):
+    # Issue 12: CUDA tensors but no CUDA kernel must stop the run, not fall back to the reference.
+    cpu_only = _lib.LibStatus(
+        True, False, Path("/b"), ("/b/libfgclip_roi_align_cuda.so not found",)
+    )
+    monkeypatch.setattr(_lib, "load", lambda: cpu_only)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ops, "_warned_fallback", False)
+    with pytest.raises(RuntimeError, match=r"cuda kernel unavailable.*build_ext\.sh.*not falling"):
+        select_backend(torch.device("cuda", 0))
+    assert select_backend("cuda", "reference") == "reference"  # forcing it stays possible
+    assert select_backend("cpu") == "cpu"
+
+
+# Bad arguments: (label, input, rois, kwargs, exception, message). Each goes through the shared
+# checker of both the compiled op and the reference, which must raise the same error.
+X = torch.randn(2, 3, 6, 5)
+R = torch.tensor([[0, 0.5, 0.5, 4.0, 5.0], [1, 1.0, 0.0, 3.0, 2.0]])
+NAN, INF = float("nan"), float("inf")
+BAD_ARGS = [
+    ("rois_k6", X, torch.zeros(2, 6), {}, ValueError, r"rois must be \(K, 5\)"),
+    ("rois_1d", X, torch.zeros(5), {}, ValueError, r"rois must be \(K, 5\)"),
+    ("rois_complex", X, R.to(torch.complex64), {}, ValueError, "real floating tensor"),
+    ("rois_int", X, R.long(), {}, ValueError, "real floating tensor, got torch.int64"),
+    ("rois_bool", X, R.bool(), {}, ValueError, "real floating tensor, got torch.bool"),
+    ("rois_list_of_lists", X, [[0, 1, 1, 2, 2]], {}, ValueError, "boxes.0. must be an"),
+    ("input_complex", X.to(torch.complex64), R, {}, ValueError, "input must be fp16"),
+    ("input_int", X.long(), R, {}, ValueError, "input must be fp16"),
+    ("input_bool", X > 0, R, {}, ValueError, "input must be fp16"),
+    ("input_3d", X[0], R, {}, ValueError, r"input must be \(N, C, H, W\)"),
+    ("devices", X, R.to("meta"), {}, ValueError, "rois are on meta but input is on cpu"),
+    ("out_zero", X, R, {"output_size": 0}, ValueError, "output_size must be in"),
+    ("out_negative", X, R, {"output_size": (2, -1)}, ValueError, "output_size must be in"),
+    ("out_huge", X, R, {"output_size": 2**31}, ValueError, "output_size must be in"),
+    ("out_float", X, R, {"output_size": 2.5}, TypeError, "output_size must be an int"),
+    ("out_bool", X, R, {"output_size": True}, TypeError, "output_size must be an int"),
+    ("out_triple", X, R, {"output_size": (1, 2, 3)}, TypeError, "output_size must be an int"),
+    ("scale_nan", X, R, {"spatial_scale": NAN}, ValueError, "spatial_scale must be finite"),
+    ("scale_inf", X, R, {"spatial_scale": INF}, ValueError, "spatial_scale must be finite"),
+    ("scale_zero", X, R, {"spatial_scale": 0.0}, ValueError, "spatial_scale must be finite"),
+    ("scale_str", X, R, {"spatial_scale": "1"}, TypeError, "spatial_scale must be a number"),
+    ("ratio_float", X, R, {"sampling_ratio": 2.0}, TypeError, "sampling_ratio must be an int"),
+    ("ratio_huge", X, R, {"sampling_ratio": 2**31}, ValueError, "sampling_ratio must fit"),
+    ("aligned_str", X, R, {"aligned": "yes"}, TypeError, "aligned must be a bool"),
+    ("roi_nan", X, torch.tensor([[0.0, 1, 1, 5, NAN]]), {}, ValueError, "row 0 is not finite"),
+    ("roi_inf", X, R.index_put((torch.tensor(1), torch.tensor(1)), torch.tensor(-INF)), {},
+     ValueError, "rois row 1 is not finite"),
+    ("batch_nan", X, torch.tensor([[NAN, 1, 1, 2, 2]]), {}, ValueError, "row 0 is not finite"),
+    ("batch_high", X, torch.tensor([[0, 1, 1, 2, 2.0], [2, 1, 1, 2, 2]]), {}, ValueError,
+     r"rois row 1 has batch index 2.0 outside \[0, 2\)"),
+    ("batch_low", X, torch.tensor([[-1.0, 1, 1, 2, 2]]), {}, ValueError, "batch index -1.0"),
+    ("empty_batch", X[:0], R, {}, ValueError, r"batch index 0.0 outside \[0, 0\)"),
+    ("adaptive_huge", X, torch.tensor([[0, 0, 0, 1e12, 2.0]]), {}, ValueError,
+     "rois row 0 spans 1e.12 pixels along x: adaptive sampling"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_ARGS, ids=[c[0] for c in BAD_ARGS])
+def test_bad_arguments_same_error_on_both_paths(case):
+    _, x, rois, kwargs, exc, match = case
+    args = dict(output_size=2, spatial_scale=1.0, sampling_ratio=-1, aligned=True) | kwargs
+    errors = []
+    for fn in (roi_align, roi_align_reference):
+        with pytest.raises(exc, match=match) as info:
+            fn(x, rois, **args)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+CRASH_SCRIPT = """
+import json, torch
+from kernels.roi_align import load_library
+assert load_library().cpu
+op, nan, inf = torch.ops.fgclip, float("nan"), float("inf")
+x = torch.randn(2, 3, 7, 7, dtype=torch.float64)
+cases = {
+    "coord_nan": ([[0.0, 1, 1, 5, nan]], 1.0), "coord_inf": ([[0.0, -inf, 1, 5, 5]], 1.0),
+    "coord_both_inf": ([[1.0, inf, inf, inf, inf]], 1.0), "batch_nan": ([[nan, 1, 1, 5, 5]], 1.0),
+    "batch_huge": ([[1e30, 1, 1, 5, 5]], 1.0), "adaptive_huge": ([[0.0, 0, 0, 1e12, 3]], 1.0),
+    "scale_nan": ([[0.0, 1, 1, 5, 5]], nan), "ok": ([[0.0, 1, 1, 5, 5]], 1.0),
+}
+out = {}
+for name, (rois, scale) in cases.items():
+    for sr in (2, -1):
+        r = torch.tensor(rois, dtype=torch.float64)
+        try:
+            y = op.roi_align(x, r, scale, 2, 2, sr, True)
+            out[f"{name}/{sr}/fwd"] = "ok" if torch.isfinite(y).all() else "nonfinite"
+        except RuntimeError as e:
+            out[f"{name}/{sr}/fwd"] = str(e).splitlines()[0]
+        # Called directly, the backward skips invalid boxes (zero gradient) instead of raising.
+        g = op.roi_align_backward(torch.ones(1, 3, 2, 2, dtype=torch.float64), r, scale, 2, 2,
+                                  2, 3, 7, 7, sr, True, True, False)
+        out[f"{name}/{sr}/bwd"] = "ok" if torch.isfinite(g).all() else "nonfinite"
+print(json.dumps(out))
+"""
+
+
+def test_compiled_op_is_safe_on_nonfinite_rois():
+    # Segfaulted (exit 139) before the kernels guarded non-finite rois: run in a subprocess.
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, "-c", CRASH_SCRIPT], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stderr[-3000:]}"
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key, msg in out.items():
+        name, sr, pass_ = key.split("/")
+        if pass_ == "bwd" or name == "ok" or (name == "adaptive_huge" and sr == "2"):
+            assert msg == "ok", (key, msg)
+        elif name == "scale_nan":
+            assert "spatial_scale must be finite" in msg, (key, msg)
+        elif name in ("batch_huge",):
+            assert "rois row 0 has a batch index outside [0, 2)" in msg, (key, msg)
+        else:
+            assert "rois row 0 is not finite or too large" in msg, (key, msg)
+
+
+@pytest.mark.parametrize("sampling_ratio,x2", [(46341, 5.0), (-1, 1e5)])
+def test_more_than_2_31_samples_per_bin(sampling_ratio, x2):
+    # 46341^2 and 1e5^2 samples per bin overflow an int32 count: the normaliser must use 64 bits.
+    # (torchvision overflows here too, so the float64 reference is the oracle.)
+    x = torch.randn(1, 2, 6, 7, dtype=torch.float64)
+    rois = torch.tensor(
+        [[0, 0.25, 0.5, x2, x2 + 0.5], [0, 1.0, 1.0, 4.0, 3.0]], dtype=torch.float64
+    )
+    got = roi_align(x, rois, 1, 1.0, sampling_ratio, True)
+    expect = roi_align_reference(x, rois, 1, 1.0, sampling_ratio, True)
+    assert expect.abs().min() > 0
+    torch.testing.assert_close(got, expect, atol=0, rtol=1e-9)
+
+
+def test_attacker_inputs_that_are_defined():
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(3, 4, 9, 8, generator=gen, requires_grad=True)
+    rois = make_rois(gen, 3, 9, 8, 20)
+    for fn in (roi_align, roi_align_reference):
+        # Empty feature maps pool to zeros (torchvision segfaults here) and get a zero gradient.
+        for shape in ((3, 4, 0, 8), (3, 4, 9, 0), (3, 0, 9, 8)):
+            e = torch.zeros(shape, requires_grad=True)
+            y = fn(e, rois, 2, 1.0, 2, True)
+            assert y.shape == (20, shape[1], 2, 2) and not y.any()
+            if y.numel():
+                assert torch.autograd.grad(y.sum(), e)[0].shape == shape
+        # Any negative sampling ratio is adaptive, as in torchvision.
+        torch.testing.assert_close(
+            fn(x, rois, 3, 0.5, -7, True),
+            tv_roi_align(x, rois, 3, 0.5, -7, True),
+            atol=1e-5,
+            rtol=0,
+        )
+        # Non-contiguous input and rois; fp64 rois with fp32 features (cast like the kernels).
+        xs = torch.randn(3, 8, 9, 16, generator=gen)[:, ::2, :, ::2]
+        rs = torch.cat([rois, torch.zeros(20, 3)], 1)[:, :5]
+        assert not xs.is_contiguous() and not rs.is_contiguous()
+        torch.testing.assert_close(
+            fn(xs, rs, 2, 1.0, 2, False), tv_roi_align(xs, rs, 2, 1.0, 2, False), atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            fn(x, rois.double(), 2, 1.0, -1, True), tv_roi_align(x, rois, 2, 1.0, -1, True),
+            atol=1e-5, rtol=0,
+        )  # fmt: skip
+
+
+def test_pool_boxes_rejects_bad_boxes_and_counts():
+    fmap = torch.randn(2, 4, 5, 5)
+    boxes = torch.rand(2, 3, 4)
+    cases = [
+        (boxes, torch.tensor([4, 1]), r"counts\[0\] = 4 is outside \[0, 3\]"),
+        (boxes, torch.tensor([1, -1]), r"counts\[1\] = -1 is outside \[0, 3\]"),
+        (boxes, torch.tensor([1, 1, 1]), r"counts must be \(B,\) = \(2,\)"),
+        (boxes, torch.tensor([1.0, 1.0]), "counts must be integers"),
+        (boxes.long(), None, "boxes must be a real floating tensor"),
+        ([boxes[0], torch.rand(2, 5)], None, r"boxes\[1\] must be an \(M_1, 4\) xyxy tensor"),
+        ([boxes[0], boxes[1]], [3, 4], r"counts\[1\] = 4 is outside \[0, 3\]"),
+        (boxes[..., :3], None, r"padded boxes must be \(B, M, 4\)"),
+    ]
+    for bx, cnt, match in cases:
+        with pytest.raises(ValueError, match=match):
+            pool_boxes(fmap, bx, cnt)
+
+
+def test_pool_rois_flat_equals_padded_and_torchvision():
+    gen = torch.Generator().manual_seed(41)
+    b, d, h, w, m = 4, 6, 7, 9, 5
+    tokens = torch.randn(b, h * w, d, generator=gen)  # the model's (B, h*w, D) layout
+    fmap = tokens.transpose(1, 2).reshape(b, d, h, w)
+    lo = torch.rand(b, m, 2, generator=gen) * 0.7
+    boxes = torch.cat([lo, lo + 0.02 + torch.rand(b, m, 2, generator=gen) * 0.3], dim=-1)
+    counts = torch.tensor([5, 0, 2, 3])
+    rois = boxes_to_rois(boxes, counts)  # (R, 5) normalised, built on the host
+    flat = pool_rois(fmap, rois)
+    assert flat.shape == (10, d, 1, 1)
+    torch.testing.assert_close(flat[:, :, 0, 0], pool_boxes(fmap, boxes, counts), atol=0, rtol=0)
+    torch.testing.assert_close(pool_rois(tokens, rois, grid_size=(h, w)), flat, atol=0, rtol=0)
+    scaled = rois * torch.tensor([1.0, w, h, w, h])
+    for out in (1, (2, 3)):
+        expect = tv_roi_align(fmap, scaled, out, 1.0, -1, True)
+        torch.testing.assert_close(pool_rois(fmap, rois, out), expect, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="63 tokens are not a square grid"):
+        pool_rois(tokens, rois)
+
+
+class HostSyncDetector(TorchDispatchMode):
+    # Fails on ops that need a device->host sync (reading values back, data-dependent shapes)
+    # when any of their tensors lives off the CPU. Host (CPU) tensors may be read freely.
+    SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "masked_select", "is_nonzero", "equal",
+                "allclose", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive",
+                "repeat_interleave", "tolist"}  # fmt: skip
+    BOOL_INDEX_OPS = {"index", "index_put", "index_put_", "_index_put_impl_"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        leaves = tree_leaves((args, kwargs or {}))
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        name = func.overloadpacket.__name__
+        bool_index = name in self.BOOL_INDEX_OPS and any(t.dtype == torch.bool for t in tensors)
+        if any(t.device.type != "cpu" for t in tensors) and (name in self.SYNC_OPS or bool_index):
+            raise AssertionError(f"host sync: {func}")
+        # Device -> host copies (.cpu(), .tolist(), .to("cpu")) wait for the device.
+        dev = (kwargs or {}).get("device")  # None: a dtype cast on the same device
+        to_host = name == "_to_copy" and dev is not None and torch.device(dev).type == "cpu"
+        if (to_host and args[0].device.type != "cpu") or (
+            name == "copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu"
+        ):
+            raise AssertionError(f"host sync (device to host copy): {func}")
+        return func(*args, **(kwargs or {}))
+
+
+def test_pool_rois_needs_no_host_sync():
+    # Meta tensors stand in for GPU tensors: any op reading device values is caught before it
+    # runs. The flat host-built rois form passes forward and backward; the detector does catch
+    # the padded form's boolean masking.
+    b, d, h, w = 3, 8, 6, 6
+    tokens = torch.empty(b, h * w, d, device="meta", requires_grad=True)
+    rois = torch.tensor([[0, 0.1, 0.1, 0.6, 0.5], [2, 0.0, 0.3, 1.0, 1.0]])
+    with HostSyncDetector():
+        out = pool_rois(tokens, rois, grid_size=(h, w))
+        (grad,) = torch.autograd.grad(out.sum(), tokens)
+    assert out.shape == (2, d, 1, 1) and out.device.type == "meta" and grad.shape == tokens.shape
+    boxes = torch.empty(b, 4, 4, device="meta")
+    counts = torch.ones(b, dtype=torch.int64, device="meta")
+    fmap = tokens.detach().transpose(1, 2).reshape(b, d, h, w)
+    with HostSyncDetector(), pytest.raises(AssertionError, match="host sync"):
+        pool_boxes(fmap, boxes, counts)
+    with HostSyncDetector(), pytest.raises(AssertionError, match="host sync"):
+        fmap[counts > 0]
+
+
+@pytest.mark.gpu
+def test_pool_rois_cuda_no_sync_and_matches_cpu(built_library):
+    assert built_library.cuda, f"CUDA RoIAlign kernel not loaded: {built_library.errors}"
+    gen = torch.Generator().manual_seed(43)
+    tokens = torch.randn(4, 14 * 14, 64, generator=gen)
+    lo = torch.rand(9, 2, generator=gen) * 0.7
+    rois = torch.cat([torch.randint(4, (9, 1), generator=gen).float(), lo, lo + 0.2], 1)
+    tokens_gpu = tokens.cuda().requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = pool_rois(tokens_gpu, rois.pin_memory())
+        (grad,) = torch.autograd.grad(out.square().sum(), tokens_gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = tokens.clone().requires_grad_()
+    expect = pool_rois(cpu, rois)
+    torch.testing.assert_close(out.cpu(), expect, atol=1e-5, rtol=1e-5)
+    (g_cpu,) = torch.autograd.grad(expect.square().sum(), cpu)
+    torch.testing.assert_close(grad.cpu(), g_cpu, atol=1e-5, rtol=1e-5)
+    # Non-finite rois already on the GPU are not inspected (a sync) but pool to zero, safely.
+    bad = torch.tensor([[0, float("nan"), 1, 5, 5], [1, 1, 1, 1e12, 2]], device="cuda")
+    y = torch.ops.fgclip.roi_align(tokens_gpu.detach().view(4, 14, 14, 64).permute(0, 3, 1, 2),
+                                   bad, 1.0, 2, 2, -1, True)  # fmt: skip
+    assert torch.equal(y.cpu(), torch.zeros(2, 64, 2, 2))
 
 
 def _cuda_root():

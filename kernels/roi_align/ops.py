@@ -1,9 +1,13 @@
-# Python entry points of the fgclip RoIAlign: backend dispatch, autograd wrapper, FG-CLIP helper.
+# Python entry points of the fgclip RoIAlign: backend dispatch, autograd wrapper, FG-CLIP helpers.
 #
 # roi_align() is a drop-in for torchvision.ops.roi_align (same arguments and defaults) that runs
 # all images of a step in one call. Backward is deterministic by default (see roi_align_cpu.cpp /
 # roi_align_cuda.cu for the algorithm and its cost); deterministic=False selects the atomic
 # scatter backward on CUDA (the CPU backward is always deterministic).
+#
+# pool_rois() is the training path: flat (R, 5) rois in normalised coordinates built on the host,
+# value-checked there, copied to the features' device without any device->host sync.
+# pool_boxes() is the older padded (B, M, 4) + counts form (boolean masking: syncs on a GPU).
 from __future__ import annotations
 
 import warnings
@@ -14,18 +18,22 @@ import torch
 from torch import Tensor
 
 from . import _lib
-from .reference import _pair, boxes_to_rois, roi_align_reference
+from .checks import check_output_size, check_roi_align_args, check_roi_values, check_rois_layout
+from .reference import as_rois, boxes_to_rois, reference_forward
 
 Backend = Literal["auto", "cuda", "cpu", "reference"]
 _warned_fallback = False
 
 
 def select_backend(device: torch.device | str, backend: Backend = "auto") -> str:
-    """Returns "cuda", "cpu" or "reference" for tensors on `device`.
+    """Returns "cuda", "cpu", "meta" or "reference" for tensors on `device`.
 
-    "auto" picks the compiled kernel for the device, and falls back to the pure-PyTorch reference
-    (with a one-time warning) only when the compiled library is missing. Asking for "cpu" or
-    "cuda" explicitly raises if that kernel is unavailable or does not match the device.
+    The one place that decides between the compiled kernels and the pure-PyTorch reference.
+    "auto" picks the compiled kernel for the device. On the CPU it falls back to the reference
+    (with a one-time warning) when the compiled library is missing; on CUDA it raises instead:
+    a GPU run on the reference would be silently orders of magnitude slower. Asking for "cpu"
+    or "cuda" explicitly raises if that kernel is unavailable or does not match the device;
+    "reference" forces the reference. Meta tensors take the compiled op's shape-only kernel.
     """
     global _warned_fallback
     device = torch.device(device)
@@ -33,15 +41,25 @@ def select_backend(device: torch.device | str, backend: Backend = "auto") -> str
         return "reference"
     if backend not in ("auto", "cpu", "cuda"):
         raise ValueError(f"unknown RoIAlign backend {backend!r}")
+    status = _lib.load()
+    if device.type == "meta" and backend == "auto" and status.cpu:
+        return "meta"
     want = device.type if backend == "auto" else backend
     if want != device.type:
         raise ValueError(f"backend {backend!r} cannot run on {device.type} tensors")
-    status = _lib.load()
     if (want == "cpu" and status.cpu) or (want == "cuda" and status.cuda):
         return want
     why = "; ".join(status.errors) or f"no {want} kernel registered"
-    if backend != "auto":
-        raise RuntimeError(f"fgclip RoIAlign {want} kernel unavailable ({why}): {_lib.BUILD_HINT}")
+    if backend != "auto" or want == "cuda":
+        raise RuntimeError(
+            f"fgclip RoIAlign {want} kernel unavailable ({why}): {_lib.BUILD_HINT}"
+            + (
+                " with the CUDA toolkit; not falling back to the slow pure-PyTorch reference "
+                "on a GPU (pass backend='reference' to force it)"
+                if want == "cuda"
+                else ""
+            )
+        )
     if not _warned_fallback:
         _warned_fallback = True
         warnings.warn(
@@ -107,15 +125,71 @@ def roi_align(
     deterministic: bool = True,
     backend: Backend = "auto",
 ) -> Tensor:  # (K, C, PH, PW), dtype of input
-    ph, pw = _pair(output_size)
-    if not isinstance(rois, Tensor):
-        rois = boxes_to_rois(list(rois))
-    rois = rois.to(input.device)
+    rois = as_rois(rois)
+    ph, pw = check_roi_align_args(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
     chosen = select_backend(input.device, backend)
     if chosen == "reference":
-        return roi_align_reference(input, rois, (ph, pw), spatial_scale, sampling_ratio, aligned)
+        return reference_forward(input, rois, ph, pw, float(spatial_scale), sampling_ratio, aligned)
     return _RoIAlignFn.apply(
-        input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), bool(aligned), deterministic
+        input, rois, float(spatial_scale), ph, pw, int(sampling_ratio), aligned, deterministic
+    )
+
+
+def _as_feature_map(features: Tensor, grid_size: int | Sequence[int] | None) -> Tensor:
+    # (B, C, h, w) as is; (B, h*w, C) tokens viewed as (B, C, h, w) without a copy
+    # (channels-last memory, which the kernels read in place).
+    if features.dim() == 4:
+        return features
+    if features.dim() != 3:
+        raise ValueError(
+            f"pool_rois: features must be (B, C, h, w) or tokens (B, h*w, C), "
+            f"got shape {tuple(features.shape)}"
+        )
+    b, tokens, c = features.shape
+    if grid_size is None:
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise ValueError(f"pool_rois: {tokens} tokens are not a square grid; pass grid_size")
+        grid_size = side
+    h, w = check_output_size(grid_size, "grid_size")
+    if h * w != tokens:
+        raise ValueError(f"pool_rois: grid_size {(h, w)} does not hold {tokens} tokens")
+    return features.transpose(1, 2).reshape(b, c, h, w)
+
+
+def pool_rois(
+    features: Tensor,  # (B, C, h, w), or (B, h*w, C) tokens
+    rois: Tensor,  # (R, 5) [image_index, x1, y1, x2, y2], xyxy normalised to [0, 1]; host
+    output_size: int | Sequence[int] = 1,
+    *,
+    grid_size: int | Sequence[int] | None = None,  # (h, w) of token features (default: square)
+    sampling_ratio: int = -1,
+    aligned: bool = True,
+    deterministic: bool = True,
+    backend: Backend = "auto",
+) -> Tensor:  # (R, C, PH, PW), dtype of features
+    # Coordinates are scaled by the grid (x by w, y by h) and pooled with aligned=True (the
+    # half-pixel convention) and adaptive sampling, FG-CLIP's settings. Host (CPU) rois are
+    # value-checked on the host and copied to the features' device asynchronously, so no
+    # device->host sync happens (pin them for a truly asynchronous copy).
+    fmap = _as_feature_map(features, grid_size)
+    check_rois_layout(rois)
+    ph, pw = check_output_size(output_size)
+    h, w = fmap.shape[-2:]
+    dtype = torch.float64 if rois.dtype == torch.float64 else torch.float32
+    scaled = rois.to(dtype) * torch.tensor([1, w, h, w, h], dtype=dtype, device=rois.device)
+    if scaled.device != fmap.device and scaled.device.type == "cpu":
+        check_roi_values(scaled, fmap.shape[0], (ph, pw), 1.0, sampling_ratio, aligned)
+        scaled = scaled.to(fmap.device, non_blocking=True)
+    return roi_align(
+        fmap,
+        scaled,
+        (ph, pw),
+        1.0,
+        sampling_ratio,
+        aligned,
+        deterministic=deterministic,
+        backend=backend,
     )
 
 
@@ -127,11 +201,10 @@ def pool_boxes(
     deterministic: bool = True,
     backend: Backend = "auto",
 ) -> Tensor:  # (K, D), boxes in batch-major order
-    # FG-CLIP's region pooling: normalised boxes scaled to the grid, 1x1 adaptive RoIAlign with
-    # aligned=True, all images in one call.
-    h, w = feature_map.shape[-2:]
-    rois = boxes_to_rois(boxes, counts, grid_size=(h, w))
-    out = roi_align(
-        feature_map, rois, 1, 1.0, -1, True, deterministic=deterministic, backend=backend
-    )
+    # FG-CLIP's region pooling from padded boxes; the masking syncs with device tensors, so the
+    # training path should build flat rois on the host (boxes_to_rois) and call pool_rois.
+    rois = boxes_to_rois(boxes, counts)  # (K, 5) normalised
+    out = pool_rois(
+        feature_map, rois, 1, deterministic=deterministic, backend=backend
+    )  # (K, D, 1, 1)
     return out[:, :, 0, 0]
