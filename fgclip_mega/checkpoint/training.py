@@ -235,12 +235,15 @@ def save_training_state(
     )
 
 
-def load_training_state(path: Path, state, model, optimizer, scheduler, loader) -> int:
-    """Restores everything `save_training_state` wrote; returns the step."""
+def load_training_state(
+    path: Path, state, model, optimizer, scheduler, loader
+) -> tuple[int, dict[str, Any]]:
+    """Restores everything `save_training_state` wrote; returns (step, the saved config)."""
     step, payload = load_checkpoint(path, state.rank, layout_of(state))
+    meta = json.loads((Path(path) / "meta.json").read_text())
     model.load_state_dict(payload["model"])
     load_optimizer_state(optimizer, payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     loader.load_state_dict(payload["loader"])
     load_rng_state(payload["rng"])
-    return step
+    return step, meta.get("config", {})
