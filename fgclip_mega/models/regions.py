@@ -16,4 +16,4 @@ def pool_regions(dense: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
 
     if rois.dim() != 2 or rois.shape[-1] != 5:
         raise ValueError(f"rois must be (R, 5) [image, x1, y1, x2, y2], got {tuple(rois.shape)}")
-    return pool_rois(dense.float(), rois.float())
+    return pool_rois(dense.float(), rois.float()).flatten(1)  # (R, C, 1, 1) -> (R, C)
