@@ -19,10 +19,10 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.build_shards import build_shards
 from fgclip_mega.config import DataConfig
 from fgclip_mega.data import tokenizer
 from fgclip_mega.data.batch import CLIP_STD
+from fgclip_mega.data.build import build_shards
 from fgclip_mega.data.loader import DaliLoader, build_loader
 from fgclip_mega.data.order import StreamOrder
 from fgclip_mega.data.pil_loader import PilLoader, pil_resized

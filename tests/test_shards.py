@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.build_shards import build_shards
 from fgclip_mega.data import tokenizer
+from fgclip_mega.data.build import build_shards
 from fgclip_mega.data.ingest import BadRecord, load_image, parse_record
 from fgclip_mega.data.shards import (
     SHORT_PREFIX,

@@ -10,12 +10,12 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import os
+import shutil
 import time
 from pathlib import Path
 
-from fgclip_mega.data.ingest import BadRecord, iter_records, load_image, parse_record
-from fgclip_mega.data.shards import INDEX_NAME, shard_name, write_index, write_shard
+from fgclip_mega.data.build import build_shards
+from fgclip_mega.data.shards import INDEX_NAME
 from fgclip_mega.data.synthetic import make_scene
 
 log = logging.getLogger(__name__)
@@ -79,31 +79,22 @@ def ensure_synthetic_shards(
         raw = directory / "raw"
         jsonl = write_raw_split(raw, "train", num_samples, seed, width, height)
         out = directory / "shards"
-        out.mkdir(exist_ok=True)
-        index_path.unlink(missing_ok=True)
-        samples, shards = [], []
-        records = list(iter_records(str(jsonl)))
-        for n, (source, rec) in enumerate(records):
-            try:
-                if isinstance(rec, BadRecord):
-                    raise rec
-                sample, f_path, problems = parse_record(rec, num_negatives, source=source)
-                if problems:  # generated data is valid by construction
-                    raise BadRecord("; ".join(p.reason for p in problems))
-                sample.image, sample.width, sample.height = load_image(
-                    os.path.join(raw, "images", f_path)
-                )
-            except BadRecord as e:
-                raise RuntimeError(f"synthetic record {source} is invalid: {e}") from e
-            samples.append(sample)
-            if len(samples) == shard_size or n == len(records) - 1:
-                name = shard_name(len(shards))
-                done = write_shard(out / name, samples, num_negatives)
-                shards.append({"path": name, **done})
-                samples = []
-        write_index(out, shards, {"num_negatives": num_negatives, "synthetic": params})
+        # Other generation parameters: start from scratch (the images changed, not only records).
+        shutil.rmtree(out, ignore_errors=True)
+        report = build_shards(
+            str(jsonl),
+            str(raw / "images"),
+            str(out),
+            shard_size=shard_size,
+            num_negatives=num_negatives,
+            progress=False,
+            index_meta={"synthetic": params},
+        )
+        if report["problems"]:  # generated data is valid by construction
+            first = report["problems"][0]
+            raise RuntimeError(f"synthetic record {first['source']} is invalid: {first['reason']}")
         log.info(
-            "built %d synthetic samples (%dx%d) in %d shards at %s in %.1f s",
-            num_samples, width, height, len(shards), out, time.time() - t0,
+            "built %d synthetic samples (%dx%d) in %s at %s in %.1f s",
+            num_samples, width, height, report["samples"], out, time.time() - t0,
         )  # fmt: skip
         return index_path

@@ -9,6 +9,12 @@ Validation never raises past the caller for bad data: a broken record raises `Ba
 record is skipped), a broken box is dropped from its record and reported as a `Problem`, and a
 missing or undecodable image raises `BadImage` from `load_image`. Every problem names the key
 (or the JSON source line) so a report can list each culprit.
+
+Annotations are untrusted (web-scraped): texts must be valid Unicode (no lone surrogates) and at
+most MAX_TEXT_CHARS long, a record holds at most MAX_BOXES_PER_RECORD boxes, numbers must fit a
+float, images are opened only inside the image root (`resolve_image`: no absolute paths, no
+'..', no symlinks leading out), and an image is decoded only when its header declares at most
+MAX_IMAGE_PIXELS pixels and its file holds at most MAX_IMAGE_BYTES.
 """
 
 from __future__ import annotations
@@ -24,6 +30,14 @@ import numpy as np
 
 BOX_TOLERANCE = 1e-3
 """Coordinates within this of [0, 1] are clipped into it; further out the box is rejected."""
+MAX_TEXT_CHARS = 20_000
+"""Longer captions/phrases are rejected (~10x FineHARD's longest; 248 tokens fit in far less)."""
+MAX_BOXES_PER_RECORD = 1000
+"""A record with more entries in bbox_info is rejected as a whole."""
+MAX_IMAGE_PIXELS = 89_478_485
+"""PIL's Image.MAX_IMAGE_PIXELS default; larger declared sizes are rejected before decoding."""
+MAX_IMAGE_BYTES = 64 << 20
+"""Image files larger than this are rejected without reading them."""
 
 
 class BadRecord(ValueError):
@@ -74,13 +88,33 @@ class Sample:
     """Pixel height of the stored JPEG."""
 
 
-def _text(rec: dict, name: str, where: str, allow_empty: bool = False) -> str:
-    value = rec.get(name)
+def check_text(value: object, what: str, allow_empty: bool = False) -> str:
+    """`value` if it is a usable string, else BadRecord naming `what` and the reason."""
     if not isinstance(value, str):
-        raise BadRecord(f"{where}{name} is {type(value).__name__}, expected a string")
+        raise BadRecord(f"{what} is {type(value).__name__}, expected a string")
+    if len(value) > MAX_TEXT_CHARS:
+        raise BadRecord(f"{what} is too long: {len(value)} characters (max {MAX_TEXT_CHARS})")
     if not allow_empty and not value.strip():
-        raise BadRecord(f"{where}{name} is empty")
+        raise BadRecord(f"{what} is empty")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in JSON): zarr cannot store it
+        raise BadRecord(f"{what} is not valid Unicode (lone surrogate)") from None
     return value
+
+
+def _text(rec: dict, name: str, where: str, allow_empty: bool = False) -> str:
+    return check_text(rec.get(name), f"{where}{name}", allow_empty)
+
+
+def _number(v: object) -> float | None:
+    """float(v) for a finite-or-not JSON number (not a bool); None for anything else."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond float range: reported as not finite
+        return math.inf
 
 
 def _parse_box(raw: object, i: int, num_negatives: int, tol: float) -> tuple[tuple, str | None]:
@@ -90,21 +124,24 @@ def _parse_box(raw: object, i: int, num_negatives: int, tol: float) -> tuple[tup
         raise BadRecord(f"bbox_info[{i}] is {type(raw).__name__}, expected an object")
     bbox = raw.get("bbox")
     if not isinstance(bbox, list | tuple) or len(bbox) not in (4, 5):
-        raise BadRecord(f"{where}bbox must be a list of 4 (or 5 with a score) numbers: {bbox!r}")
-    if not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox):
-        raise BadRecord(f"{where}bbox has a non-number: {bbox!r}")
-    x1, y1, x2, y2 = (float(v) for v in bbox[:4])
+        raise BadRecord(
+            f"{where}bbox must be a list of 4 (or 5 with a score) numbers: {_short_repr(bbox)}"
+        )
+    values = [_number(v) for v in bbox]
+    if any(v is None for v in values):
+        raise BadRecord(f"{where}bbox has a non-number: {_short_repr(bbox)}")
+    x1, y1, x2, y2 = values[:4]
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise BadRecord(f"{where}bbox has NaN/inf: {bbox!r}")
+        raise BadRecord(f"{where}bbox has NaN/inf: {_short_repr(bbox)}")
     if min(x1, y1, x2, y2) < -tol or max(x1, y1, x2, y2) > 1 + tol:
-        raise BadRecord(f"{where}bbox outside [0, 1] (tolerance {tol}): {bbox!r}")
+        raise BadRecord(f"{where}bbox outside [0, 1] (tolerance {tol}): {_short_repr(bbox)}")
     if x2 < x1 or y2 < y1:
-        raise BadRecord(f"{where}bbox has x2 < x1 or y2 < y1: {bbox!r}")
+        raise BadRecord(f"{where}bbox has x2 < x1 or y2 < y1: {_short_repr(bbox)}")
     box = tuple(min(max(v, 0.0), 1.0) for v in (x1, y1, x2, y2))
     short = _text(raw, "short_expr", where)
     long = _text(raw, "long_expr", where)
     flag = raw.get("flag_short_neg", 0)
-    if flag not in (0, 1) or isinstance(flag, float):
+    if isinstance(flag, bool | float) or flag not in (0, 1):
         raise BadRecord(f"{where}flag_short_neg must be 0 or 1, got {flag!r}")
     negs: list[str] = []
     note = None
@@ -113,6 +150,8 @@ def _parse_box(raw: object, i: int, num_negatives: int, tol: float) -> tuple[tup
         values = list(raw_negs.values()) if isinstance(raw_negs, dict) else raw_negs
         if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             note = f"{where}short_expr_negs is not a dict/list of strings: negatives dropped"
+        elif bad := _first_bad_text(values[:num_negatives], f"{where}short_expr_negs"):
+            note = f"{bad}: negatives dropped"
         elif len(values) < num_negatives:
             note = (
                 f"{where}flag_short_neg=1 but {len(values)} short_expr_negs "
@@ -123,6 +162,20 @@ def _parse_box(raw: object, i: int, num_negatives: int, tol: float) -> tuple[tup
         if note:
             flag = 0
     return (box, short, long, int(flag), negs), note
+
+
+def _first_bad_text(values: list[str], what: str) -> str | None:
+    for i, v in enumerate(values):
+        try:
+            check_text(v, f"{what}[{i}]")
+        except BadRecord as e:
+            return str(e)
+    return None
+
+
+def _short_repr(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_record(
@@ -153,6 +206,8 @@ def parse_record(
         infos = []
     if not isinstance(infos, list):
         raise BadRecord(f"bbox_info is {type(infos).__name__}, expected a list")
+    if len(infos) > MAX_BOXES_PER_RECORD:
+        raise BadRecord(f"bbox_info has {len(infos)} boxes (max {MAX_BOXES_PER_RECORD})")
     problems: list[Problem] = []
     boxes = []
     for i, raw in enumerate(infos):
@@ -175,28 +230,65 @@ def parse_record(
     return sample, f_path, problems
 
 
-def load_image(path: str, max_side: int | None = None, quality: int = 90) -> tuple[bytes, int, int]:
+def resolve_image(root: str, f_path: str) -> str:
+    """Real path of image `f_path` under `root`; BadImage when it would lie outside the root.
+
+    Absolute paths, '..' components and symlinks that lead out of the root are all refused:
+    the resolved path (realpath) must stay inside the resolved root.
+    """
+    if "\x00" in f_path:
+        raise BadImage(f"image path outside the image folder: {f_path!r} holds a NUL byte")
+    if os.path.isabs(f_path):
+        raise BadImage(f"image path outside the image folder: {f_path!r} is absolute")
+    real_root = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(real_root, f_path))
+    if os.path.commonpath([real_root, path]) != real_root or path == real_root:
+        raise BadImage(f"image path outside the image folder: {f_path!r} resolves to {path}")
+    return path
+
+
+def load_image(
+    path: str,
+    max_side: int | None = None,
+    quality: int = 90,
+    max_pixels: int = MAX_IMAGE_PIXELS,
+    max_bytes: int = MAX_IMAGE_BYTES,
+) -> tuple[bytes, int, int]:
     """(JPEG bytes, width, height) of a fully decodable image; raises BadImage otherwise.
 
     The original bytes are kept when they already are an RGB/grey JPEG without an EXIF rotation
     and within `max_side`; anything else (PNG, CMYK, rotated, too large) is re-encoded as an RGB
-    JPEG, rotated upright and shrunk so its longer side is at most `max_side`.
+    JPEG, rotated upright and shrunk so its longer side is at most `max_side`. Files over
+    `max_bytes` are not read and images declaring over `max_pixels` are not decoded.
     """
     from PIL import Image, ImageOps
 
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            size = os.fstat(fh.fileno()).st_size
+            if size > max_bytes:
+                raise BadImage(f"image file too large: {path}: {size} bytes (max {max_bytes})")
+            data = fh.read(max_bytes + 1)
     except FileNotFoundError:
         raise BadImage(f"missing image file: {path}") from None
     except OSError as e:
         raise BadImage(f"unreadable image file: {path}: {e}") from None
     if not data:
         raise BadImage(f"empty image file: {path}")
+    if len(data) > max_bytes:  # grew while reading
+        raise BadImage(f"image file too large: {path}: over {max_bytes} bytes")
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()  # full decode: truncated or corrupt data fails here, not in the loader
+        img = Image.open(io.BytesIO(data))  # reads the header only
     except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise BadImage(f"undecodable image: {path}: {type(e).__name__}: {e}") from None
+    # Checked on the declared size, before any pixel is decoded (decompression bombs).
+    if img.width * img.height > max_pixels:
+        raise BadImage(
+            f"image too large: {path}: {img.width}x{img.height} pixels declared (max {max_pixels})"
+        )
+    try:
+        img.load()  # full decode: truncated or corrupt data fails here, not in the loader
+    except Exception as e:  # noqa: BLE001
         raise BadImage(f"undecodable image: {path}: {type(e).__name__}: {e}") from None
     orientation = img.getexif().get(0x0112, 1)
     too_big = max_side is not None and max(img.size) > max_side
@@ -212,35 +304,92 @@ def load_image(path: str, max_side: int | None = None, quality: int = 90) -> tup
     return buf.getvalue(), img.width, img.height
 
 
-def iter_records(path: str) -> Iterator[tuple[str, object]]:
-    """(source 'file:line', record or BadRecord) for a .jsonl or .json (list) file, in order."""
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{n}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield f"{path}:{n}", BadRecord(f"invalid JSON: {e}")
-        return
-    with open(path, encoding="utf-8") as fh:
+MAX_LINE_BYTES = 8 << 20
+"""A JSONL line longer than this is rejected without holding it in memory."""
+
+
+def parse_json(text: str | bytes) -> object:
+    """json.loads, with every failure on untrusted input turned into BadRecord."""
+    if isinstance(text, bytes):
         try:
-            data = json.load(fh)
-        except json.JSONDecodeError as e:
-            raise BadRecord(f"{path} is not valid JSON: {e}") from None
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecord(f"not UTF-8: {e}") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadRecord(f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise BadRecord("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer with more than 4300 digits
+        raise BadRecord(f"invalid JSON: {e}") from None
+
+
+def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, bytes) of each non-blank line; None for a line over MAX_LINE_BYTES."""
+    with open(path, "rb") as fh:
+        n = 0
+        while True:
+            line = fh.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                return
+            n += 1
+            if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                while (rest := fh.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                    pass  # skip the rest of the over-long line without keeping it
+                yield n, None
+            elif line.strip():
+                yield n, line
+
+
+def iter_records(path: str) -> Iterator[tuple[str, object]]:
+    """(source 'file:line', record or BadRecord) for a .jsonl or .json (list) file, in order.
+
+    A .json file that cannot be read as a whole (not UTF-8, invalid, not a list) yields one
+    BadRecord with its path as the source; a bad JSONL line yields a BadRecord for that line.
+    """
+    if path.endswith(".jsonl"):
+        for n, line in _jsonl_lines(path):
+            if line is None:
+                yield f"{path}:{n}", BadRecord(f"line longer than {MAX_LINE_BYTES} bytes")
+                continue
+            try:
+                yield f"{path}:{n}", parse_json(line)
+            except BadRecord as e:
+                yield f"{path}:{n}", e
+        return
+    try:
+        with open(path, "rb") as fh:
+            data = parse_json(fh.read())
+    except BadRecord as e:
+        yield path, BadRecord(f"{path} is unreadable: {e}")
+        return
     if not isinstance(data, list):
-        raise BadRecord(f"{path}: top level must be a list of records")
+        yield path, BadRecord(f"{path}: top level must be a list of records")
+        return
     for n, rec in enumerate(data):
         yield f"{path}[{n}]", rec
 
 
 def input_files(path: str) -> list[str]:
-    """The annotation files of `path`: itself, the files a .txt lists, or a directory's .json(l)."""
+    """The annotation files of `path`: itself, the files a .txt lists, or a directory's .json(l).
+
+    Raises FileNotFoundError naming the path (or the list file and line) of a missing input.
+    """
     if os.path.isdir(path):
         names = sorted(n for n in os.listdir(path) if n.endswith((".json", ".jsonl")))
         return [os.path.join(path, n) for n in names]
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"annotation input {path} does not exist")
     if path.endswith(".txt"):
-        with open(path, encoding="utf-8") as fh:
-            return [line.strip() for line in fh if line.strip()]
+        files = []
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for n, line in enumerate(fh, 1):
+                name = line.strip()
+                if not name:
+                    continue
+                if not os.path.isfile(name):
+                    raise FileNotFoundError(f"{path}:{n} names {name!r}, which is not a file")
+                files.append(name)
+        return files
     return [path]

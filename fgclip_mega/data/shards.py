@@ -57,7 +57,7 @@ def marker_path(shard_path: str | Path) -> Path:
     return p.with_name(p.name.removesuffix(".zarr") + ".done.json")
 
 
-def _atomic_write_json(path: Path, obj: object) -> None:
+def atomic_write_json(path: Path, obj: object) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=1)
@@ -179,7 +179,7 @@ def write_shard(
         }
     )
     done = {"num_samples": n, "num_boxes": m, "num_bytes": total, **(marker or {})}
-    _atomic_write_json(marker_path(path), done)
+    atomic_write_json(marker_path(path), done)
     return done
 
 
@@ -301,7 +301,7 @@ def write_index(root: str | Path, shards: list[dict], meta: dict) -> Path:
         "shards": shards,
     }
     path = root / INDEX_NAME
-    _atomic_write_json(path, index)
+    atomic_write_json(path, index)
     return path
 
 
@@ -351,3 +351,18 @@ def open_shard_set(path: str | Path) -> ShardSet:
         sizes=np.array([s["num_samples"] for s in shards], dtype=np.int64),
         meta=meta,
     )
+
+
+# ----------------------------------------------------------------------------- building
+
+# The build loop (fgclip_mega.data.build) is part of this module's API, loaded on first use:
+# it imports this module, and the readers in DALI's worker processes never need it.
+_BUILD_API = ("build_shards",)
+
+
+def __getattr__(name: str):
+    if name in _BUILD_API:
+        from fgclip_mega.data import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
