@@ -8,7 +8,7 @@ from PIL import Image
 
 from data_prep.synthetic import generate, parse_args
 from fgclip_mega.data.ingest import parse_record
-from fgclip_mega.data.synthetic import COLOURS, SHAPES, SIZES, TEXTURES, make_scene
+from fgclip_mega.data.synthetic import COLOURS, SHAPES, SIZES, TEXTURES, make_scene, texture_cell
 
 ATTRS = {"size": SIZES, "colour": COLOURS, "texture": TEXTURES, "shape": SHAPES}
 
@@ -78,3 +78,40 @@ def test_cli_writes_splits(tmp_path):
             f_path, jpeg, rec = make_scene(0, split, i, 120, 90)
             assert json.loads(line) == rec  # identical to the in-process generator
             assert (tmp_path / "images" / f_path).read_bytes() == jpeg
+
+
+def test_texture_cells_are_at_least_4_px_after_the_squash():
+    for w, h, size in [
+        (128, 96, 64),
+        (500, 375, 224),
+        (336, 252, 224),
+        (672, 504, 336),
+        (64, 48, 32),
+    ]:
+        cell = texture_cell(w, h, size)
+        assert cell * size / w >= 4 and cell * size / h >= 4, (w, h, size, cell)
+
+
+def test_textures_survive_the_squash_to_the_training_size():
+    # The tiny preset: 128x96 scenes squashed to 64x64 with PIL's antialiased bilinear resize
+    # (what the loaders do). Inside every textured square, most pixels must still be close to
+    # the pure base colour or the pure shade; a texture finer than the resize blurs into a mix
+    # (the old fixed 6-px period left striped squares with 0% such pixels).
+    seen = set()
+    for i in range(120):
+        _, jpeg, rec = make_scene(0, "train", i, 128, 96, train_size=64)
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((64, 64), Image.BILINEAR)
+        a = np.asarray(img, float)
+        for box in rec["bbox_info"]:
+            attrs = _attrs(box["short_expr"])
+            if attrs["texture"] == "plain" or attrs["shape"] != "square":
+                continue
+            x1, y1, x2, y2 = np.array(box["bbox"][:4]) * 64
+            crop = a[int(np.ceil(y1)) + 1 : int(y2) - 1, int(np.ceil(x1)) + 1 : int(x2) - 1]
+            base = np.array(COLOURS[attrs["colour"]], float)
+            d = (base // 2 if base.sum() > 200 else base + 110) - base
+            t = ((crop - base) @ d) / (d @ d)  # 0 = base colour, 1 = shade
+            pure = ((t < 0.25) | (t > 0.75)).mean()
+            assert pure >= 0.55, (i, box["short_expr"], pure)
+            seen.add(attrs["texture"])
+    assert seen == {"striped", "dotted", "checkered"}

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from fgclip_mega.data.build import build_shards
 from fgclip_mega.data.shards import INDEX_NAME
-from fgclip_mega.data.synthetic import make_scene
+from fgclip_mega.data.synthetic import GENERATOR_VERSION, write_raw_split
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +25,6 @@ def synthetic_image_shape(image_size: int) -> tuple[int, int]:
     """(width, height) of generated images: 4:3, height 1.5x the model input (>= 48 px)."""
     height = max(48, round(1.5 * image_size))
     return round(height * 4 / 3), height
-
-
-def write_raw_split(
-    root: str | Path,
-    split: str,
-    num_samples: int,
-    seed: int,
-    width: int,
-    height: int,
-    start: int = 0,
-) -> Path:
-    """Writes images `start..start+num_samples` of `split` under root/images, records to jsonl."""
-    root = Path(root)
-    jsonl = root / f"{split}.jsonl"
-    (root / "images" / split).mkdir(parents=True, exist_ok=True)
-    with open(jsonl, "w", encoding="utf-8") as fh:
-        for i in range(start, start + num_samples):
-            f_path, jpeg, record = make_scene(seed, split, i, width, height)
-            (root / "images" / f_path).write_bytes(jpeg)
-            fh.write(json.dumps(record) + "\n")
-    return jsonl
 
 
 def ensure_synthetic_shards(
@@ -67,6 +46,8 @@ def ensure_synthetic_shards(
         "seed": seed,
         "shard_size": shard_size,
         "num_negatives": num_negatives,
+        "train_size": image_size,
+        "generator": GENERATOR_VERSION,
     }
     index_path = directory / "shards" / INDEX_NAME
     with open(directory / ".lock", "w") as lock:
@@ -77,7 +58,9 @@ def ensure_synthetic_shards(
                     return index_path
         t0 = time.time()
         raw = directory / "raw"
-        jsonl = write_raw_split(raw, "train", num_samples, seed, width, height)
+        jsonl = write_raw_split(
+            raw, "train", num_samples, seed, width, height, train_size=image_size
+        )
         out = directory / "shards"
         # Other generation parameters: start from scratch (the images changed, not only records).
         shutil.rmtree(out, ignore_errors=True)

@@ -355,14 +355,18 @@ def open_shard_set(path: str | Path) -> ShardSet:
 
 # ----------------------------------------------------------------------------- building
 
-# The build loop (fgclip_mega.data.build) is part of this module's API, loaded on first use:
-# it imports this module, and the readers in DALI's worker processes never need it.
-_BUILD_API = ("build_shards",)
+# The producers of shard input are part of this module's API (data_prep/ imports only this
+# module and the tokenizer), loaded on first use: the build loop imports this module, and the
+# readers in DALI's worker processes need neither.
+_BUILD_API = {
+    "build_shards": "fgclip_mega.data.build",  # annotations + images -> shards
+    "write_raw_split": "fgclip_mega.data.synthetic",  # synthetic annotations + images
+}
 
 
 def __getattr__(name: str):
     if name in _BUILD_API:
-        from fgclip_mega.data import build
+        import importlib
 
-        return getattr(build, name)
+        return getattr(importlib.import_module(_BUILD_API[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
