@@ -235,6 +235,10 @@ class CheckpointConfig:
     """HF CLIPModel / FG-CLIP weights (safetensors or torch) to initialise the model from."""
     keep_last: int = 2
     """Checkpoints kept on disk; older ones are deleted after a new one is complete."""
+    on_corrupt: Literal["fallback", "fail"] = "fallback"
+    """A corrupt/incomplete newest checkpoint: resume from the newest intact one, or stop."""
+    async_save: bool = True
+    """Write checkpoint files in a background thread (the loop waits only for the CPU copy)."""
 
 
 @dataclass
@@ -324,6 +328,9 @@ class Config:
         c = self.checkpoint
         _require(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0 (0 = at the end)")
         _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
+        _require(
+            c.on_corrupt in ("fallback", "fail"), "checkpoint.on_corrupt", "fallback or fail"
+        )
         return self
 
     def check_paths(self) -> Config:

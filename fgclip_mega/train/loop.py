@@ -60,14 +60,16 @@ def train(cfg: Config, keep_process_groups: bool = False) -> TrainResult:
 
 
 def resume(run: TrainingRun) -> int:
-    """Restores the newest checkpoint (if any); returns the step to continue from."""
+    """Restores the newest intact checkpoint (if any), at any TP x DP layout; returns the step
+    to continue from. A corrupt newer checkpoint is reported and skipped, or stops the run
+    (checkpoint.on_corrupt)."""
     cfg = run.cfg
-    path = ckpt.find_resume(run.output_dir / "checkpoints", cfg.checkpoint.load)
+    root = run.output_dir / "checkpoints"
+    path = ckpt.find_resume(root, cfg.checkpoint.load, cfg.checkpoint.on_corrupt)
     if path is None:
         return 0
-    step, saved_cfg = ckpt.load_training_state(
-        path, run.state, run.model, run.optimizer, run.scheduler, run.loader
-    )
+    saver = ckpt.checkpointer(root, run.state, cfg.checkpoint)
+    step, saved_cfg = saver.load(path, run.model, run.optimizer, run.scheduler, run.loader)
     apply_optimizer_hyperparams(run.optimizer, cfg.optim)
     changed = {
         f"{section}.{k}": (v, getattr(getattr(cfg, section), k))
@@ -108,11 +110,11 @@ def run_training(run: TrainingRun) -> TrainResult:
     last_ckpt, preempted = "", False
 
     def save(at_step: int) -> str:
-        path = ckpt.save_training_state(
-            run.output_dir / "checkpoints", at_step, state, run.model, run.optimizer,
-            run.scheduler, run.loader, cfg,
-        )  # fmt: skip
-        log.info("saved checkpoint %s", path)
+        # Waits only for the copy to CPU memory; the files are written in the background.
+        saver = ckpt.checkpointer(run.output_dir / "checkpoints", state, cfg.checkpoint)
+        path = saver.save(
+            at_step, run.model, run.optimizer, run.scheduler, run.loader, cfg.to_dict(), run.ddp
+        )
         return str(path)
 
     def every(interval: int) -> bool:
@@ -146,6 +148,7 @@ def run_training(run: TrainingRun) -> TrainResult:
 
     if step > first_step and not last_ckpt.endswith(f"{step:08d}"):
         last_ckpt = save(step)
+    ckpt.checkpointer(run.output_dir / "checkpoints", state, cfg.checkpoint).wait()
     run.loader.close()
     if cfg.train.eval_batches and not preempted and not metrics.has_eval(step):
         evals.append({"step": step, **evaluate_during_training(run, step, metrics)})
