@@ -1,4 +1,8 @@
-"""FG-CLIP loss terms in one process: hand-computed values, float64 gradients, empty sets.
+"""The FG-CLIP objective in one process: hand-computed values, float64 gradients, empty sets.
+
+Test data is padded (b, M, ...) with masks; `_our_loss` flattens it the way the loader packs a
+batch (valid boxes image by image, the hard boxes with [positive, negatives] stacked) and calls
+`fgclip_mega.objective.Objective`.
 
 The hand reference is explicit float64 loops over Python lists (no torch, none of our code); the
 gradient reference is float64 autograd through kernels.contrastive.reference (naive full
@@ -14,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from fgclip_mega.config import LossConfig
-from fgclip_mega.losses import LossInputs, fgclip_loss, resolve_implementation
+from fgclip_mega.losses import hard_negative_loss, resolve_implementation
+from fgclip_mega.objective import TERMS, Embeddings, LossTerm, Objective
 from kernels.contrastive import sigmoid_contrastive_reference, softmax_contrastive_reference
 
 CAP = LossConfig().max_logit_scale  # ln 100
@@ -122,11 +127,32 @@ def _scales(values, dtype=torch.float32):
     return [torch.tensor(v, dtype=dtype, requires_grad=True) for v in values]
 
 
+def _temps(scales, bias=None):
+    names = ("logit_scale", "logit_scale_finegraind", "logit_scale_hardneg")
+    temps = dict(zip(names, scales, strict=True))
+    if bias is not None:
+        temps["logit_bias"] = bias
+    return temps
+
+
+def _flat(t, box_valid=BOX_VALID, hard_valid=HARD_VALID, neg_valid=NEG_VALID) -> Embeddings:
+    if box_valid.dtype != torch.bool:  # counts (b,): the first counts[i] slots are boxes
+        box_valid = torch.arange(M)[None, :] < box_valid[:, None]
+    sel = box_valid & hard_valid
+    hard_text = torch.cat([t["phrase"][sel][:, None], t["hard_negatives"][sel]], 1)
+    return Embeddings(
+        image=t["image"], long_text=t["long_text"], short_text=t["short_text"],
+        region=t["region"][box_valid], region_text=t["phrase"][box_valid],
+        hard_region=t["region"][sel], hard_text=hard_text,
+        hard_valid=None if neg_valid is None else neg_valid[sel],
+    )  # fmt: skip
+
+
 def _our_loss(t, scales, cfg, box_valid=BOX_VALID, hard_valid=HARD_VALID, neg_valid=NEG_VALID,
               bias=None):  # fmt: skip
-    inputs = LossInputs(**t, box_valid=box_valid, hard_valid=hard_valid,
-                        hard_negative_valid=neg_valid)  # fmt: skip
-    return fgclip_loss(inputs, *scales, cfg, logit_bias=bias)
+    emb = _flat(t, box_valid, hard_valid, neg_valid)
+    objective = Objective(cfg, regional=True, impl=resolve_implementation(cfg.implementation, "cpu"))
+    return objective(emb, _temps(scales, bias))
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton", "naive"])
@@ -137,7 +163,7 @@ def test_total_matches_hand_computed(impl):
     for key in ("long", "short", "region", "hard", "loss"):
         assert out.parts[key].item() == pytest.approx(hand[key], rel=1e-5), key
     assert out.total.item() == pytest.approx(hand["loss"], rel=1e-5)
-    assert out.parts["region_boxes"].item() == 3 and out.parts["hard_boxes"].item() == 2
+    assert out.counts["region"] == 3 and int(out.counts["hard"]) == 2
     assert out.parts["scale"].item() == pytest.approx(math.exp(SCALES[0]), rel=1e-6)
     assert all(not v.requires_grad for v in out.parts.values())
 
@@ -163,7 +189,7 @@ def test_sigmoid_total_matches_hand_computed():
 
 
 def test_sigmoid_needs_bias():
-    with pytest.raises(ValueError, match="logit_bias"):
+    with pytest.raises(ValueError, match="temperatures.*logit_bias"):
         _our_loss(_leaves(_batch(), torch.float32), _scales(SCALES), LossConfig(kind="sigmoid"))
 
 
@@ -208,20 +234,25 @@ def test_empty_region_and_hard_sets_are_zero_with_zero_gradients():
     t = _leaves(batch, torch.float32)
     scales = _scales(SCALES)
     out = _our_loss(t, scales, LossConfig(), hard_valid=torch.zeros(B, M, dtype=torch.bool))
-    assert out.parts["hard"].item() == 0.0 and out.parts["hard_boxes"].item() == 0
+    assert out.parts["hard"].item() == 0.0 and int(out.counts["hard"]) == 0
     assert out.parts["region"].item() > 0
     out.total.backward()
     assert _grads_zero_or_none(t["hard_negatives"], scales[2])
     assert t["region"].grad.abs().sum() > 0
 
-    flat = dict(image=batch["image"].float(), long_text=batch["long_text"].float(),
-                region=torch.zeros(0, D, requires_grad=True),
-                phrase=torch.zeros(0, D, requires_grad=True),
-                hard_negatives=torch.zeros(0, N, D, requires_grad=True))  # fmt: skip
-    out = fgclip_loss(LossInputs(**flat), *_scales(SCALES), LossConfig())
+    flat = Embeddings(
+        image=batch["image"].float(), long_text=batch["long_text"].float(),
+        short_text=batch["short_text"].float(),
+        region=torch.zeros(0, D, requires_grad=True),
+        region_text=torch.zeros(0, D, requires_grad=True),
+        hard_region=torch.zeros(0, D, requires_grad=True),
+        hard_text=torch.zeros(0, 1 + N, D, requires_grad=True),
+    )  # fmt: skip
+    out = Objective(LossConfig(), regional=True)(flat, _temps(_scales(SCALES)))
     assert out.parts["region"].item() == 0.0 and out.parts["hard"].item() == 0.0
     out.total.backward()
-    assert _grads_zero_or_none(flat["region"], flat["phrase"], flat["hard_negatives"])
+    assert torch.isfinite(out.total)
+    assert _grads_zero_or_none(flat.region, flat.region_text, flat.hard_region, flat.hard_text)
 
 
 def test_box_counts_equal_mask():
@@ -254,15 +285,60 @@ def test_logit_scales_clamped_and_frozen():
 def test_stage1_terms_only_and_weights():
     batch = _batch(6)
     cfg = LossConfig(long_weight=0.3, short_weight=2.0)
-    inputs = LossInputs(image=batch["image"].float(), long_text=batch["long_text"].float(),
-                        short_text=batch["short_text"].float())  # fmt: skip
-    out = fgclip_loss(inputs, torch.tensor(SCALES[0]), None, None, cfg)
+    emb = Embeddings(image=batch["image"].float(), long_text=batch["long_text"].float(),
+                     short_text=batch["short_text"].float())  # fmt: skip
+    out = Objective(cfg, regional=False)(emb, {"logit_scale": torch.tensor(SCALES[0])})
     assert set(out.parts) == {"long", "short", "scale", "loss"}
     assert out.total.item() == pytest.approx(
         0.3 * out.parts["long"].item() + 2.0 * out.parts["short"].item(), rel=1e-6
     )
-    with pytest.raises(ValueError, match="no loss term"):
-        fgclip_loss(LossInputs(image=batch["image"].float()), torch.tensor(1.0), None, None, cfg)
+    with pytest.raises(ValueError, match="temperatures.*logit_scale_finegraind"):
+        Objective(cfg, regional=True)(emb, {"logit_scale": torch.tensor(SCALES[0])})
+
+
+def test_a_new_term_is_one_entry():
+    # How FG-CLIP 2-style terms are added: one LossTerm in the list (weight from LossConfig when
+    # it has <name>_weight, else its default), computed from the same Embeddings.
+    def text_alignment(emb, scale, ctx):  # long vs short caption of the same image
+        cos = F.cosine_similarity(emb.long_text, emb.short_text, dim=-1)
+        return (1 - cos).mean() * scale / scale.detach(), emb.long_text.shape[0]
+
+    batch = _batch(8)
+    t = _leaves(batch, torch.float32)
+    extra = LossTerm("align", "logit_scale", regional=False, default_weight=0.25, fn=text_alignment)
+    temps = _temps(_scales(SCALES))
+    base = Objective(LossConfig(), regional=True)(_flat(t), temps)
+    more = Objective(LossConfig(), regional=True, terms=(*TERMS, extra))(_flat(t), temps)
+    want = (1 - F.cosine_similarity(t["long_text"], t["short_text"], dim=-1)).mean()
+    assert more.parts["align"].item() == pytest.approx(want.item(), rel=1e-5)
+    assert more.counts["align"] == B
+    assert more.total.item() == pytest.approx(base.total.item() + 0.25 * want.item(), rel=1e-5)
+
+
+def test_nan_in_a_masked_negative_does_not_leak_and_empty_boxes_do_not_count():
+    # Issue 9: masked_fill on the logits passed NaN * 0 = NaN back into the gradients; a box whose
+    # negatives are all masked still counted in the mean.
+    g = torch.Generator().manual_seed(9)
+    region = torch.randn(3, D, generator=g, requires_grad=True)
+    cand = torch.randn(3, 1 + N, D, generator=g)
+    cand[0, 2] = float("nan")  # masked negative of box 0
+    cand[2, 1:] = float("nan")  # box 2: every negative masked
+    cand.requires_grad_()
+    valid = torch.tensor([[True, False, True], [True, True, True], [False, False, False]])
+    scale = torch.tensor(10.0, requires_grad=True)
+    loss, counted = hard_negative_loss(region, cand, scale, valid)
+    assert int(counted) == 2 and torch.isfinite(loss)
+    loss.backward()
+    for t in (region, cand, scale):
+        assert torch.isfinite(t.grad).all()
+    assert not cand.grad[2].any() and not region.grad[2].any()
+    # Equal to the mean over the two counted boxes computed without the masked entries.
+    want = 0.0
+    for h, keep in ((0, [0, 1, 3]), (1, [0, 1, 2, 3])):
+        c = F.normalize(cand.detach()[h, keep].double(), dim=-1)
+        logits = 10.0 * c @ F.normalize(region.detach()[h].double(), dim=-1)
+        want += (torch.logsumexp(logits, 0) - logits[0]).item() / 2
+    assert loss.item() == pytest.approx(want, rel=1e-5)
 
 
 def test_dispatch(monkeypatch):
@@ -282,40 +358,10 @@ def test_dispatch_picks_triton_on_cuda():
     assert resolve_implementation("auto", "cuda") == "triton"
 
 
-def test_callable_with_preselected_boxes_equals_masked_form():
-    # The training loop's layout: flat valid boxes, and the hard boxes with [positive, negatives]
-    # stacked (fgclip_mega.train.step.StepEmbeddings), through FGCLIPLoss.
-    from types import SimpleNamespace
-
-    from fgclip_mega.losses import FGCLIPLoss
-
+def test_flat_layout_without_negative_mask_equals_all_valid_mask():
     batch = _batch(7)
-    f = {k: v.float() for k, v in batch.items()}
-    sel = BOX_VALID & HARD_VALID
-    hard_text = torch.cat([f["phrase"][sel][:, None], f["hard_negatives"][sel]], 1)
-    emb = SimpleNamespace(
-        image=f["image"], long_text=f["long_text"], short_text=f["short_text"],
-        region=f["region"][BOX_VALID], region_text=f["phrase"][BOX_VALID],
-        hard_region=f["region"][sel], hard_text=hard_text,
-    )  # fmt: skip
-    # All negatives valid here: the stacked layout carries no per-negative mask.
     all_negs = torch.ones_like(NEG_VALID)
-    want = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), LossConfig(),
-                     neg_valid=all_negs)  # fmt: skip
-    total, parts = FGCLIPLoss(LossConfig(), dp_group=None)(emb, *_scales(SCALES))
+    a = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), LossConfig(), neg_valid=all_negs)
+    b = _our_loss(_leaves(batch, torch.float32), _scales(SCALES), LossConfig(), neg_valid=None)
     for key in ("long", "short", "region", "hard", "loss"):
-        assert parts[key].item() == pytest.approx(want.parts[key].item(), rel=1e-6), key
-    assert total.item() == pytest.approx(want.total.item(), rel=1e-6)
-
-    empty = SimpleNamespace(
-        image=f["image"], long_text=f["long_text"], short_text=f["short_text"],
-        region=torch.zeros(0, D, requires_grad=True),
-        region_text=torch.zeros(0, D, requires_grad=True),
-        hard_region=torch.zeros(0, D, requires_grad=True),
-        hard_text=torch.zeros(0, 1 + N, D, requires_grad=True),
-    )  # fmt: skip
-    total, parts = FGCLIPLoss(LossConfig())(empty, *_scales(SCALES))
-    assert parts["region"].item() == 0.0 and parts["hard"].item() == 0.0
-    total.backward()
-    assert torch.isfinite(total)
-    assert _grads_zero_or_none(empty.region, empty.region_text, empty.hard_region, empty.hard_text)
+        assert a.parts[key].item() == pytest.approx(b.parts[key].item(), rel=1e-6), key

@@ -10,8 +10,10 @@ global_loss.py for the convention):
   features: this rank's embedding gradient                   == W * rows r of dL_ref/dembedding
   params:   DDP-averaged projection / logit-scale gradients  == dL_ref/dparam
 and the collectives issued by forward and by backward, counted by wrapping torch.distributed:
-allgather: exactly one all_gather_into_tensor forward and one reduce_scatter_tensor backward,
-whatever W and however many text sets; ring: W - 1 batch_isend_irecv forward, 2W - 1 backward.
+allgather: one all_gather_into_tensor of the features forward (plus one tiny one of their shapes,
+which must agree over ranks) and one reduce_scatter_tensor backward, whatever W and however many
+text sets; ring: W - 1 batch_isend_irecv forward (plus the shape check), 2W - 1 backward.
+A rank with a different batch size or feature width gets a clear error instead of gloo's SIGABRT.
 """
 
 from __future__ import annotations
@@ -109,7 +111,8 @@ def _reference(data, valid, W, kind, logit_scale, bias, cfg):
 def _dist_checks(impls: list[str]) -> dict:
     import torch.distributed as dist
 
-    from fgclip_mega.losses import LossInputs, fgclip_loss
+    from fgclip_mega.losses import global_contrastive_losses
+    from fgclip_mega.objective import Embeddings, Objective
     from fgclip_mega.parallel import init_parallel
 
     state = init_parallel(ParallelConfig(tensor_parallel_size=1), seed=0)
@@ -119,11 +122,20 @@ def _dist_checks(impls: list[str]) -> dict:
     report = {}
     x = torch.randn(B_LOCAL, D)
     try:  # the data-parallel group must be explicit once there is more than one process
-        fgclip_loss(LossInputs(image=x, long_text=x), torch.tensor(1.0), None, None, LossConfig())
+        global_contrastive_losses(x, [x], torch.tensor(1.0), group=None)
     except ValueError as e:
         assert "data-parallel process group" in str(e)
     else:
         raise AssertionError("group=None was accepted in a world of several processes")
+    # Issue 9: unequal batch sizes (and widths) over ranks -> a clear error on every rank.
+    for shape in ((B_LOCAL + r, D), (B_LOCAL, D + r)):
+        y = torch.randn(*shape)
+        try:
+            global_contrastive_losses(y, [y], torch.tensor(1.0), group=group)
+        except ValueError as e:
+            assert "different shapes" in str(e) and "micro-batch size" in str(e), str(e)
+        else:
+            raise AssertionError(f"mismatched shapes {shape} over ranks were accepted")
     for kind in ("softmax", "sigmoid"):
         for gather in ("allgather", "ring"):
             for impl in impls:
@@ -140,19 +152,24 @@ def _dist_checks(impls: list[str]) -> dict:
                 }
                 for f in feats.values():
                     f.retain_grad()
-                inputs = LossInputs(
+                v = valid[rows]
+                emb = Embeddings(
                     image=feats["img"], long_text=feats["long"], short_text=feats["short"],
-                    region=reg, phrase=phr, box_valid=valid[rows],
+                    region=reg[v], region_text=phr[v],
+                    hard_region=reg[v][:0], hard_text=reg[v][:0, None].expand(0, 2, D),
                 )  # fmt: skip
+                temps = {"logit_scale": ls, "logit_scale_finegraind": torch.tensor(2.0),
+                         "logit_scale_hardneg": torch.tensor(2.0), "logit_bias": lb}  # fmt: skip
+                objective = Objective(cfg, regional=True, impl=impl, dp_group=group)
                 with _count_collectives() as fwd_counts:
-                    out = fgclip_loss(inputs, ls, torch.tensor(2.0), None, cfg, group, lb)
+                    out = objective(emb, temps)
                 with _count_collectives() as bwd_counts:
                     out.total.backward()
                 if gather == "allgather":
-                    want_f = {"all_gather_into_tensor": 1}
+                    want_f = {"all_gather_into_tensor": 2}  # the shape check, then the features
                     want_b = {"reduce_scatter_tensor": 1}
                 else:
-                    want_f = {"batch_isend_irecv": W - 1}
+                    want_f = {"all_gather_into_tensor": 1, "batch_isend_irecv": W - 1}
                     want_b = {"batch_isend_irecv": 2 * W - 1}
                 tag = f"{kind}/{gather}/{impl}"
                 assert dict(fwd_counts) == want_f, (tag, dict(fwd_counts))

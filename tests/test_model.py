@@ -323,22 +323,18 @@ def test_dense_features_and_region_pooling_match_value_path_by_hand(world):
 
     # One 1x1-cell box per cell (i, j): pooled == that cell; image 1 has two boxes, image 0 one.
     cells = [(0, 1, 2), (1, 3, 0), (1, 2, 3)]  # (image, row i, col j)
-    boxes = torch.zeros(2, 2, 4)
-    slot = [0, 0]
-    for b, i, j in cells:
-        boxes[b, slot[b]] = torch.tensor([j / g, i / g, (j + 1) / g, (i + 1) / g])
-        slot[b] += 1
-    pooled = model.region_embeddings(dense, boxes, torch.tensor(slot))
+    rois = torch.tensor([[b, j / g, i / g, (j + 1) / g, (i + 1) / g] for b, i, j in cells])
+    pooled = model.region_embeddings(dense, rois)
     assert pooled.shape == (3, cfg.projection_dim)
     for r, (b, i, j) in enumerate(cells):
         assert max_err(pooled[r], want[b, :, i, j]) < 1e-5
     # A box over a 2x2 block of cells averages them (bilinear samples at the cell centres).
-    block = torch.tensor([[[0.0, 0.0, 2 / g, 2 / g]], [[0.0, 0.0, 1.0, 1.0]]])
-    pooled = model.region_embeddings(dense, block, torch.tensor([1, 0]))
+    block = torch.tensor([[0.0, 0.0, 0.0, 2 / g, 2 / g]])
+    pooled = model.region_embeddings(dense, block)
     assert pooled.shape == (1, cfg.projection_dim)
     assert max_err(pooled[0], want[0, :, :2, :2].mean(dim=(1, 2))) < 1e-5
-    with pytest.raises(ValueError, match="counts"):
-        model.region_embeddings(dense, block, torch.tensor([2, 0]))
+    with pytest.raises(ValueError, match="rois"):
+        model.region_embeddings(dense, block[:, 1:])
 
 
 def test_region_embeddings_backpropagate_to_the_image_tower(world):
@@ -346,8 +342,8 @@ def test_region_embeddings_backpropagate_to_the_image_tower(world):
     model = build_model(cfg, ParallelConfig())
     images, _ = sample_inputs(cfg, 1, 1, 8)
     _, dense = model.encode_image(images, with_dense=True)
-    boxes = torch.tensor([[[0.1, 0.2, 0.7, 0.9]]])
-    model.region_embeddings(dense, boxes, torch.tensor([1])).sum().backward()
+    rois = torch.tensor([[0.0, 0.1, 0.2, 0.7, 0.9]])
+    model.region_embeddings(dense, rois).sum().backward()
     last = model.vision.transformer.blocks[-1]
     assert last.mlp.fc1.weight.grad.abs().sum() > 0
     assert model.vision.patch_embed.weight.grad.abs().sum() > 0
@@ -441,7 +437,7 @@ def test_build_logs_the_attention_backend(world, caplog):
         model = build_model(small_config(), ParallelConfig())
     # fp32 compute: SDPA even on CUDA (flash-attn takes fp16/bf16 only).
     assert model.attention_backend == "sdpa"
-    assert "attention backend: sdpa (requested auto" in caplog.text
+    assert "attention backend: sdpa (cpu, compute torch.float32)" in caplog.text
 
 
 @pytest.mark.gpu
@@ -459,6 +455,7 @@ def test_flash_attention_model_matches_sdpa_on_cuda(world):
             dataclasses.replace(cfg, attention_backend=backend),
             ParallelConfig(),
             compute_dtype=torch.bfloat16,
+            device="cuda",
         )
         import_hf_state_dict(model, hf)
         assert model.attention_backend == backend

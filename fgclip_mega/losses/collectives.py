@@ -72,8 +72,9 @@ def check_same_shape(x: torch.Tensor, group: dist.ProcessGroup | None, what: str
     if size == 1:
         return
     shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)  # (ndim,)
-    shapes = shape.new_empty(size, shape.numel())
+    shapes = shape.new_empty(size * shape.numel())
     dist.all_gather_into_tensor(shapes, shape, group=group)
+    shapes = shapes.view(size, -1)  # (W, ndim)
     same = (shapes == shape).all()
     if x.device.type != "cpu":
         torch._assert_async(same)
