@@ -16,6 +16,8 @@ Public entry point for the trainer: `build_loader(cfg.data, image_size=..., ...)
 from __future__ import annotations
 
 import gc
+import os
+import threading
 
 import numpy as np
 import torch
@@ -145,6 +147,11 @@ class DaliLoader(StreamLoader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         source = SampleSource(replace(self.spec, start=self.position))
+        # Reader processes die with this one (see worker_guard.py); PDEATHSIG follows the thread
+        # that starts them, which is this one: only safe when it is the main thread.
+        forked = resolve_start_method(self.cfg.py_start_method) == "fork"
+        on_main = threading.current_thread() is threading.main_thread()
+        source.guard = (os.getpid(), on_main, forked)
         device_id = None
         if self.decode_device == "mixed":
             device_id = self.device.index if self.device.index is not None else 0

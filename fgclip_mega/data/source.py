@@ -17,6 +17,7 @@ import numpy as np
 from fgclip_mega.data.order import StreamOrder
 from fgclip_mega.data.shards import Block, ShardReader
 from fgclip_mega.data.tokenizer import fit_context
+from fgclip_mega.data.worker_guard import guard_worker
 
 OUTPUTS = (
     "jpeg",  # (bytes,) uint8, ragged
@@ -90,6 +91,8 @@ class SampleSource:
         if spec.region_text not in REGION_TEXT:
             raise ValueError(f"region_text={spec.region_text!r}: expected one of {REGION_TEXT}")
         self.spec = spec
+        self.guard: tuple[int, bool, bool] | None = None
+        """(parent pid, use PDEATHSIG, forked): set by the DALI loader, see worker_guard.py."""
         self._init()
 
     def _init(self) -> None:
@@ -98,10 +101,13 @@ class SampleSource:
         self._windows: OrderedDict[tuple[int, int], _Window] = OrderedDict()
 
     def __getstate__(self) -> dict:
-        return {"spec": self.spec}  # readers and caches are rebuilt in the worker
+        return {"spec": self.spec, "guard": self.guard}  # readers/caches rebuilt in the worker
 
     def __setstate__(self, state: dict) -> None:
-        self.spec = state["spec"]
+        # Unpickled as a spawned worker starts: guard it before anything else.
+        self.spec, self.guard = state["spec"], state["guard"]
+        if self.guard is not None:
+            guard_worker(*self.guard)
         self._init()
 
     def _reader(self, shard: int) -> ShardReader:
@@ -188,6 +194,8 @@ class SampleSource:
 
     def __call__(self, batch_info) -> tuple:
         """DALI batch-mode callable: one output per name in OUTPUTS, batch-major."""
+        if self.guard is not None:  # a forked worker's first call (a no-op afterwards)
+            guard_worker(*self.guard)
         step = batch_info if isinstance(batch_info, int) else batch_info.iteration
         arrays = self.batch(step)
         return tuple(arrays[name] for name in OUTPUTS)
