@@ -1,3 +1,7 @@
-from fgclip_mega.eval.metrics import evaluate, hard_negative_accuracy, recall_at_k
+"""Held-out evaluation of FG-CLIP models: metrics (metrics.py), phrase attributes (phrases.py),
+the gathered embedding set (collect.py), the suite (suite.py) and `python -m fgclip_mega.eval`."""
 
-__all__ = ["evaluate", "hard_negative_accuracy", "recall_at_k"]
+from fgclip_mega.eval.collect import EvalSet, collect
+from fgclip_mega.eval.suite import evaluate, flat, run_suite, summary_of
+
+__all__ = ["EvalSet", "collect", "evaluate", "flat", "run_suite", "summary_of"]

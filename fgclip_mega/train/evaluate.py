@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 from fgclip_mega.data import build_loader
-from fgclip_mega.eval import evaluate
+from fgclip_mega.eval import evaluate, flat, summary_of
 
 
 def eval_data_config(run):
@@ -18,6 +18,8 @@ def eval_data_config(run):
         # Exactly the evaluated samples: each appears once, so retrieval has one true match.
         synthetic_num_samples=run.cfg.train.eval_batches * data.micro_batch_size * state.dp_size,
         seed=data.seed + 1,
+        # Every box's phrase is its attribute phrase: box classification and phrase identity.
+        region_text="short",
     )
 
 
@@ -42,8 +44,11 @@ def evaluate_during_training(run, at_step: int, metrics) -> dict[str, float]:
                 f"data.eval_shards={data.shards or data.synthetic_dir}: fewer samples than one "
                 f"global batch ({data.micro_batch_size} x {state.dp_size} ranks)"
             )
-        result = evaluate(run.model, loader, batches, state.dp_group, runtime=run.runtime)
+        full = evaluate(run.model, loader, batches, state.dp_group, runtime=run.runtime)
     finally:
         loader.close()
+    # The log takes floats: the headline numbers, per-attribute dicts as 'pairwise_acc.colour'.
+    result = flat(summary_of(full))
+    result.update({f"eval_{k}": float(v) for k, v in full["sizes"].items()})
     metrics.log_eval(at_step, result)
     return result

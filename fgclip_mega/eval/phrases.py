@@ -1,0 +1,124 @@
+"""Token ids back to words, and the attribute structure of the synthetic phrases.
+
+The evaluation decides from the data itself (not from a side channel) which attribute a hard
+negative changes: it decodes the positive and the negative phrase to words and looks at the one
+word where they differ. The synthetic generator writes region phrases as
+'a <size> <colour> <texture> <shape>' (fgclip_mega/data/synthetic.py); anything else (real
+FineHARD phrases) is 'unknown'.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import re
+
+import torch
+
+from fgclip_mega.data import synthetic
+from fgclip_mega.data.tokenizer import EOT_ID, SOT_ID, _bytes_to_unicode, _hf_tokenizer, tokenize
+
+UNKNOWN = "unknown"
+# Attribute name -> its values, in the order of the phrase template.
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "size": tuple(synthetic.SIZES),
+    "colour": tuple(synthetic.COLOURS),
+    "texture": tuple(synthetic.TEXTURES),
+    "shape": tuple(synthetic.SHAPES),
+}
+_WORD_TO_ATTRIBUTE = {v: name for name, values in ATTRIBUTES.items() for v in values}
+_LONG_HEAD = re.compile(r"^a (.+?) background with (\w+) objects? ?\.")  # decoded: "objects ."
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    return {c: b for b, c in _bytes_to_unicode().items()}
+
+
+@functools.lru_cache(maxsize=65536)
+def _piece(token_id: int) -> str:
+    return _hf_tokenizer().id_to_token(token_id) or ""
+
+
+def decode(ids: list[int] | torch.Tensor) -> str:
+    """Token ids (one row) -> lower-case text; stops at the first EOT, skips SOT and padding."""
+    if isinstance(ids, torch.Tensor):
+        ids = ids.tolist()
+    pieces = []
+    for i in ids:
+        if i == EOT_ID:
+            break
+        if i in (SOT_ID, 0):
+            continue
+        pieces.append(_piece(int(i)))
+    decoder = _byte_decoder()
+    # "</w>" ends a word; the rest are byte-level characters of the word.
+    words = "".join(pieces).split("</w>")
+    raw = [bytes(decoder.get(c, ord("?")) for c in w).decode("utf-8", "replace") for w in words]
+    return " ".join(w for w in raw if w)
+
+
+def words(ids: list[int] | torch.Tensor) -> list[str]:
+    return decode(ids).split()
+
+
+def phrase_attributes(text: str) -> dict[str, str] | None:
+    """'a small red plain circle' -> {size, colour, texture, shape}; None if not that form."""
+    w = text.split()
+    if len(w) != 5 or w[0] != "a":
+        return None
+    out = dict(zip(ATTRIBUTES, w[1:], strict=True))
+    if any(out[name] not in values for name, values in ATTRIBUTES.items()):
+        return None
+    return out
+
+
+def changed_attribute(positive: str, negative: str) -> str:
+    """Which attribute the negative phrase changes: the attribute whose value is the only
+    differing word (both words values of that attribute), else 'unknown'."""
+    a, b = positive.split(), negative.split()
+    if len(a) != len(b):
+        return UNKNOWN
+    diff = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
+    if len(diff) != 1:
+        return UNKNOWN
+    x, y = diff[0]
+    kind = _WORD_TO_ATTRIBUTE.get(x)
+    return kind if kind is not None and _WORD_TO_ATTRIBUTE.get(y) == kind else UNKNOWN
+
+
+def negative_attributes(hard_tokens: torch.Tensor) -> list[list[str]]:
+    """(H, 1+K, L) hard-negative token rows -> per box, the attribute each of its K negatives
+    changes."""
+    out = []
+    for row in hard_tokens:
+        pos = decode(row[0])
+        out.append([changed_attribute(pos, decode(neg)) for neg in row[1:]])
+    return out
+
+
+def box_class_prompts() -> list[str]:
+    """Every attribute combination as a phrase: the class set of synthetic box classification."""
+    return [f"a {s} {c} {t} {h}" for s, c, t, h in itertools.product(*ATTRIBUTES.values())]
+
+
+def scene_label(long_caption: str) -> tuple[str, str] | None:
+    """(background, object-count word) from a synthetic long caption's first sentence."""
+    m = _LONG_HEAD.match(long_caption)
+    if m is None or m.group(1) not in synthetic.BACKGROUNDS:
+        return None
+    return m.group(1), m.group(2)
+
+
+def scene_class_prompts(counts: list[str]) -> list[tuple[str, str, str]]:
+    """(background, count, prompt) for zero-shot image classification, written like the first
+    sentence of the synthetic long captions."""
+    return [
+        (bg, n, f"a {bg} background with {n} objects.")
+        for bg in synthetic.BACKGROUNDS
+        for n in counts
+    ]
+
+
+def tokenize_prompts(prompts: list[str], context: int) -> torch.Tensor:
+    return torch.from_numpy(tokenize(prompts, context)).to(torch.int64)
