@@ -13,8 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+from torch.utils._pytree import tree_leaves
 
 from kernels.contrastive import (
+    launcher,
     pair_losses,
     sigmoid_contrastive_loss,
     sigmoid_contrastive_reference,
@@ -95,6 +98,126 @@ def test_rectangular_with_row_offset(impl, kind, R, C, offset, dtype):
     _check(kind, impl, R, C, 64, dtype, offset=offset, symmetric=False)
 
 
+# (R, C, offset, D): b = 1, C not a multiple of any tile or split (128 columns under the
+# interpreter), positives at the start, the end and across slab boundaries, odd D.
+RECT = [(1, 300, 0, 37), (1, 300, 299, 129), (70, 333, 200, 37), (130, 131, 1, 64)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("R,C,offset,D", RECT)
+def test_rectangular_many_tiles_and_slabs(impl, kind, R, C, offset, D, dtype, monkeypatch):
+    # Small slabs (Triton backward: 64 x 64, or 1 x 128 at R = 1) and tiles (chunked: 16 x 16,
+    # or 1 x 256), so rows and columns both span several of them; forward splits: 3 of 128.
+    monkeypatch.setattr(launcher, "SLAB_ELEMS", 128)
+    _check(kind, impl, R, C, D, dtype, offset=offset, symmetric=False, chunk=16)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+def test_square_symmetric_many_slabs(impl, kind, monkeypatch):
+    # Both directions (the column statistics and their G terms) across 3 x 3 slabs / tiles.
+    monkeypatch.setattr(launcher, "SLAB_ELEMS", 128)
+    _check(kind, impl, 150, 150, 21, torch.float32, chunk=64)
+
+
+def test_forward_splits_fill_the_gpu(monkeypatch):
+    # The launch policy on a 132-SM GPU (no kernel runs): few local rows against many columns
+    # get enough column splits for ~2 programs per SM; every split is non-empty.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(launcher, "_num_sms", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    for R, C in [(128, 8192), (256, 32768), (1024, 131072), (1, 8001), (256, 300)]:
+        n, per = launcher._splits(R, C, dev)
+        assert per % 128 == 0 and (n - 1) * per < C <= n * per, (R, C, n, per)
+        programs = -(-R // 64) * n
+        assert programs >= 2 * 132 or per <= 256, (R, C, n, per)
+    assert launcher._splits(65536, 65536, dev)[0] == 1  # square: the rows alone fill the GPU
+
+
+def test_slab_shape_bounds():
+    for R, C in [(1, 10**6), (256, 32768), (1024, 131072), (65536, 65536), (3, 5)]:
+        rs, cs = launcher.slab_shape(R, C)
+        assert 1 <= rs <= R and 1 <= cs <= C
+        assert rs * cs <= max(launcher.SLAB_ELEMS, 64 * 64)
+        assert rs == min(R, launcher.SLAB_MAX_ROWS)  # all local rows in one slab
+
+
+def test_triton_autotuned_tiles_reset_partials(monkeypatch):
+    # Two tile configs under the interpreter with a timer that makes the later one (BLOCK_N 128)
+    # win after the BLOCK_N 64 one wrote all its per-column-block dscale/dbias partials: the
+    # result is right only if the partials are reset between autotuning runs.
+    calls = []
+
+    def later_is_faster(kernel_call, quantiles):
+        kernel_call()
+        calls.append(1)
+        return [-float(len(calls))] * len(quantiles)
+
+    tiles = ((64, 64, 1, 1), (64, 128, 1, 1))
+    monkeypatch.setattr(launcher, "INTERPRETER_TILES", tiles)
+    monkeypatch.setattr(launcher, "_cpu_bench", later_is_faster)
+    launcher._tuned.cache_clear()
+    try:
+        _check("sigmoid", "triton", 20, 300, 16, torch.float32, offset=5, symmetric=False)
+        assert calls, "the autotuner never benchmarked"
+        assert launcher._tuned("grad", tiles).best_config.kwargs["BLOCK_N"] == 128
+    finally:
+        launcher._tuned.cache_clear()
+
+
+class _LargestStorage(TorchDispatchMode):
+    """Largest storage (bytes) of any tensor an op returns: allocations, not views' extents."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.largest = max(self.largest, t.untyped_storage().nbytes())
+        return out
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+def test_rectangular_memory_never_holds_the_logits(kind, monkeypatch):
+    # Forward + backward of b = 128 local rows against C = 1024 columns: no tensor anywhere
+    # (kernel buffers, slabs, tiles, partials) is near the (R, C) logits; naive is.
+    R, C, D = 128, 1024, 8
+    monkeypatch.setattr(launcher, "SLAB_ELEMS", 1 << 13)  # slabs of 64 x 128
+    # Kernel launches run unobserved: what the interpreter copies on the host is not the
+    # kernels' memory (on a GPU they read their arguments in place), and observing it is slow.
+    launch = launcher._launch
+
+    def unobserved_launch(*args, **kwargs):
+        with _disable_current_modes():
+            launch(*args, **kwargs)
+
+    monkeypatch.setattr(launcher, "_launch", unobserved_launch)
+    a, b = _features(R, C, D, 512)
+    s, t = torch.tensor(10.0), torch.tensor(-3.0)
+    logits_bytes = R * C * 4
+    bound = 4 * max(1 << 13, C * D)  # a slab / tile or an (C, D) fp32 gradient
+    for impl in ("chunked", "triton", "naive"):
+        leaves = [x.clone().requires_grad_() for x in (a, b, s, t)]
+        mode = _LargestStorage()
+        with mode:
+            if kind == "softmax":
+                loss = softmax_contrastive_loss(
+                    *leaves[:3], offset=512, symmetric=False, impl=impl, chunk_size=64
+                )
+            else:
+                loss = sigmoid_contrastive_loss(*leaves, offset=512, impl=impl, chunk_size=64)
+            loss.backward()
+        if impl == "naive":  # the measurement sees the logit matrix when there is one
+            assert mode.largest >= logits_bytes, mode.largest
+        else:
+            assert mode.largest <= bound < logits_bytes / 8, (impl, mode.largest)
+
+
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 def test_triton_several_feature_and_k_tiles(kind):
     # D = 300 > 256: two BLOCK_K slices in every logit tile and two BLOCK_D output tiles (the
@@ -133,20 +256,23 @@ def test_pair_losses_rows_and_columns(impl):
     torch.testing.assert_close(col.double(), nll.sum(0), **TIGHT)
 
 
+@pytest.mark.parametrize("R,C", [(11, 70), (5, 333)])
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
-def test_primitives_without_positives(impl, kind):
+def test_primitives_without_positives(impl, kind, R, C, monkeypatch):
     # The tile primitives on a block with no positives (what the ring uses for other ranks'
-    # blocks): statistics and their gradients for arbitrary upstream g_row, g_col.
+    # blocks): statistics and their gradients for arbitrary upstream g_row, g_col; at C = 333
+    # over 3 forward splits and 6 backward slabs.
     from kernels.contrastive import primitives
 
+    monkeypatch.setattr(launcher, "SLAB_ELEMS", 64)
     prims = primitives(impl)
-    a, b = _features(11, 70, 40, 0)
+    a, b = _features(R, C, 40, 0)
     a, b = a.double().requires_grad_(), b.double().requires_grad_()
     s = torch.tensor(9.0, dtype=torch.float64, requires_grad=True)
     t = torch.tensor(-1.5, dtype=torch.float64, requires_grad=True)
     g = torch.Generator().manual_seed(1)
-    g_row, g_col = torch.rand(11, generator=g), torch.rand(70, generator=g)
+    g_row, g_col = torch.rand(R, generator=g), torch.rand(C, generator=g)
     x = s * (a @ b.T) + t
     if kind == "softmax":
         ref_row, ref_col = torch.logsumexp(x, 1), torch.logsumexp(x, 0)
@@ -198,25 +324,55 @@ def test_rejects_bad_arguments():
         softmax_contrastive_loss(a, a, torch.tensor(1.0), impl="fast")
 
 
+# (R, C, D, offset): square (both directions) and rectangular (local rows against many
+# columns: split forward, several backward slabs) with positives at a row offset.
+GPU_CASES = [(1, 1, 3, 0), (130, 130, 200, 0), (1000, 1000, 512, 0), (257, 257, 768, 0)]
+GPU_CASES += [(1, 8195, 37, 8000), (256, 32768 + 77, 512, 3 * 256), (129, 70001, 768, 69000)]
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("R,C,D,offset", GPU_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
-def test_triton_on_gpu_matches_reference(kind, dtype):
-    # The compiled (non-interpreted) kernels with GPU tile sizes, incl. several D tiles.
-    for B, D in [(1, 3), (130, 200), (1000, 512), (257, 768)]:
-        a, b = _features(B, B, D, 0)
-        a, b = a.cuda().to(dtype), b.cuda().to(dtype)
-        s, t = torch.tensor(14.3, device="cuda"), torch.tensor(-2.5, device="cuda")
-        if kind == "softmax":
-            fn = lambda a, b, s, t: softmax_contrastive_loss(a, b, s, impl="triton") + 0 * t
-            rf = lambda a, b, s, t: softmax_contrastive_reference(a, b, s) + 0 * t
-        else:
-            fn = lambda a, b, s, t: sigmoid_contrastive_loss(a, b, s, t, impl="triton")
-            rf = lambda a, b, s, t: sigmoid_contrastive_reference(a, b, s, t)
-        loss, grads = _run(fn, a, b, s, t)
-        ref_loss, ref_grads = _run(rf, a.double(), b.double(), s.double(), t.double())
-        loss_tol, grad_tol = TOL[dtype]
-        assert (loss.double() - ref_loss).abs() / max(ref_loss.abs().item(), 1.0) <= loss_tol
-        for g, rg in zip(grads, ref_grads, strict=True):
-            err = (g.double() - rg).abs().max() / max(rg.abs().max().item(), 1e-6)
-            assert err <= grad_tol
+def test_triton_on_gpu_matches_reference(kind, dtype, R, C, D, offset):
+    # The compiled (non-interpreted) kernels with autotuned GPU tiles.
+    a, b = _features(R, C, D, offset)
+    a, b = a.cuda().to(dtype), b.cuda().to(dtype)
+    s, t = torch.tensor(14.3, device="cuda"), torch.tensor(-2.5, device="cuda")
+    sym = R == C
+    if kind == "softmax":
+        fn = lambda a, b, s, t: (
+            softmax_contrastive_loss(a, b, s, offset=offset, symmetric=sym, impl="triton") + 0 * t
+        )
+        rf = lambda a, b, s, t: softmax_contrastive_reference(a, b, s, offset, sym) + 0 * t
+    else:
+        fn = lambda a, b, s, t: sigmoid_contrastive_loss(a, b, s, t, offset=offset, impl="triton")
+        rf = lambda a, b, s, t: sigmoid_contrastive_reference(a, b, s, t, offset)
+    loss, grads = _run(fn, a, b, s, t)
+    ref_loss, ref_grads = _run(rf, a.double(), b.double(), s.double(), t.double())
+    loss_tol, grad_tol = TOL[dtype]
+    err = (loss.double() - ref_loss).abs() / max(ref_loss.abs().item(), 1.0)
+    assert err <= loss_tol, err.item()
+    for name, g, rg in zip(("dA", "dB", "dscale", "dbias"), grads, ref_grads, strict=True):
+        err = (g.double() - rg).abs().max() / max(rg.abs().max().item(), 1e-6)
+        assert err <= grad_tol, (name, err.item())
+
+
+@pytest.mark.gpu
+def test_triton_on_gpu_memory_rectangular():
+    # b = 1024 rows against 128K columns, bf16: the b x B fp32 logits would be 512 MB; the
+    # loss's peak beyond its inputs stays at the slab (16 MB) plus O((b + B) D) gradients.
+    R, C, D = 1024, 131072, 512
+    a, b = _features(R, C, D, 0)
+    a = a.cuda().bfloat16().requires_grad_()
+    b = b.cuda().bfloat16().requires_grad_()
+    s = torch.tensor(14.3, device="cuda", requires_grad=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    softmax_contrastive_loss(a, b, s, symmetric=False, impl="triton").backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = (R + C) * D * (4 + 2)  # fp32 accumulators and the bf16 .grad tensors
+    assert peak <= 4 * launcher.SLAB_ELEMS + grads + (64 << 20), peak
+    assert peak < R * C * 4 / 2, peak

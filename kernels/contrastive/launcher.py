@@ -100,7 +100,7 @@ def _splits(R: int, C: int, device: torch.device) -> tuple[int, int]:
         row_blocks = triton.cdiv(R, 64)
         want = triton.cdiv(2 * _num_sms(device.index or 0), row_blocks)
         n = max(1, min(want, triton.cdiv(C, 256)))
-        per = triton.cdiv(triton.cdiv(C, n), 128) * 128
+        per = max(128, C // n // 128 * 128)  # rounded down: at least n splits
     return triton.cdiv(C, per), per
 
 
