@@ -1,10 +1,11 @@
-"""Report which optional accelerators this machine has and which fallback is in use.
+"""Report which optional accelerators this machine has, which fallback is in use, and what a run
+of a preset will actually use (device, precision, attention, loss, RoIAlign and decode kernels,
+asked from `fgclip_mega.runtime`, the one place that decides them).
 
-    python -m fgclip_mega.env          # human-readable table
-    python -m fgclip_mega.env --json   # one JSON object
+    python -m fgclip_mega.env                        # a table (run of preset fgclip_vit_b16)
+    python -m fgclip_mega.env --preset tiny --json   # one JSON object
 
-Optional pieces are detected here, in one place, at run time; `import fgclip_mega` works without
-any of them.
+`import fgclip_mega` works without any of the optional pieces.
 """
 
 from __future__ import annotations
@@ -50,7 +51,9 @@ def _cuda_package(name: str, module: str, cuda: bool, fallback: str) -> Feature:
 def probe() -> list[Feature]:
     import torch
 
-    cuda = torch.cuda.is_available()
+    from fgclip_mega.runtime import cuda_available
+
+    cuda = cuda_available()
     feats = [
         Feature(
             "torch",
@@ -103,12 +106,11 @@ def probe() -> list[Feature]:
 
 
 def _roi_align_status() -> Feature:
-    import torch
-
+    from fgclip_mega.runtime import cuda_available
     from kernels.roi_align import load_library
 
     st = load_library()
-    want_cuda = torch.cuda.is_available()
+    want_cuda = cuda_available()
     ok = st.cpu and (st.cuda or not want_cuda)
     kinds = [k for k, have in (("CPU", st.cpu), ("CUDA", st.cuda)) if have]
     detail = f"{'+'.join(kinds) or 'none'} kernels from {st.directory}"
@@ -122,13 +124,26 @@ def _roi_align_status() -> Feature:
     )
 
 
+def run_settings(preset: str) -> dict[str, str]:
+    """What a run of `preset` will use on this machine, resolved as the trainer resolves it."""
+    from fgclip_mega.config import preset as make_preset
+    from fgclip_mega.runtime import resolve_runtime
+
+    try:
+        return resolve_runtime(make_preset(preset)).describe()
+    except Exception as e:  # noqa: BLE001 - e.g. attention_backend=flash without flash-attn
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--preset", default="fgclip_vit_b16", help="the run to resolve")
     args = parser.parse_args(argv)
     feats = probe()
+    run = run_settings(args.preset)
     if args.json:
-        print(json.dumps({f.name: asdict(f) for f in feats}))
+        print(json.dumps({**{f.name: asdict(f) for f in feats}, "run": run}))
         return 0
     width = max(len(f.name) for f in feats)
     for f in feats:
@@ -137,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         if f.fallback:
             line += f"  -> fallback: {f.fallback}"
         print(line)
+    print(f"\na run of preset {args.preset!r} here uses:")
+    for key, value in run.items():
+        print(f"  {key:<{width}}  {value}")
     return 0
 
 

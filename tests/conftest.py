@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Triton kernels run through the interpreter on machines without a GPU; this must be set before
 # triton is imported anywhere in the test session.
 try:
@@ -30,3 +32,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(
             f"{n} GPU test(s) deselected: no CUDA device here; run run/gpu_check.sh on a GPU."
         )
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A world of one with megatron's groups (TP=1) in this process."""
+    import torch.distributed as dist
+
+    from fgclip_mega.config import ParallelConfig
+    from fgclip_mega.parallel import destroy_parallel, init_parallel
+
+    started_here = not dist.is_initialized()
+    yield init_parallel(ParallelConfig(), seed=0)
+    if started_here:
+        destroy_parallel()

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fgclip_mega.config import OptimizerConfig, ParallelConfig, PrecisionConfig
+from fgclip_mega.config import Config, OptimizerConfig, ParallelConfig, PrecisionConfig
 from tests.distributed import run_distributed
 
 D_IN, D_HID, D_OUT, LOCAL_B, STEPS = 6, 8, 4, 4, 3
@@ -68,16 +68,22 @@ def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from fgclip_mega.parallel import init_parallel
-    from fgclip_mega.parallel.wrap import build_optimizer, megatron_config, wrap_data_parallel
+    from fgclip_mega.parallel.wrap import (
+        build_optimizer,
+        megatron_config,
+        sync_params,
+        wrap_data_parallel,
+    )
 
     pc = ParallelConfig(
         tensor_parallel_size=tp,
         use_distributed_optimizer=distributed_optimizer,
         overlap_grad_reduce=overlap,
     )
-    prec = PrecisionConfig()
-    st = init_parallel(pc, seed=3)
-    cfg = megatron_config(pc, prec)
+    st = init_parallel(Config(parallel=pc, precision=PrecisionConfig("fp32", "fp32")), seed=3,
+                       with_decode=False)  # fmt: skip
+    runtime = st.runtime
+    cfg = megatron_config(tp, False, runtime.params_dtype)
     zeros = torch.nn.init.zeros_
 
     class TwoLayer(torch.nn.Module):
@@ -111,8 +117,8 @@ def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
         model.row.weight.copy_(ref["w2"][:, r * s : (r + 1) * s])
         model.row.bias.copy_(ref["b2"])
         model.scale.copy_(ref["scale"])
-    ddp = wrap_data_parallel(model, pc, prec)
-    opt, sched = build_optimizer(ddp, OPT, pc, prec, total_steps=STEPS)
+    ddp = wrap_data_parallel(model, pc, runtime)
+    opt, sched = build_optimizer(ddp, OPT, pc, runtime, total_steps=STEPS)
     for x in _batches(st.dp_size):
         local = x[st.dp_rank * LOCAL_B : (st.dp_rank + 1) * LOCAL_B]
         ddp.zero_grad_buffer()
@@ -122,6 +128,7 @@ def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
         ok, _, _ = opt.step()
         assert ok
         sched.step(1)
+    sync_params(ddp)  # overlapped param all-gather: params are complete only after this
     return {
         "tp_rank": r,
         "shard": s,

@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from fgclip_mega.config import ParallelConfig
-from tests.distributed import run_distributed
-from tests.test_model import (
+from tests.builders import (
     EOS,
     b16_config,
     build_model,
@@ -29,6 +28,7 @@ from tests.test_model import (
     sample_inputs,
     small_config,
 )
+from tests.distributed import run_distributed
 
 
 def _sp_grads_reduced(model) -> int:

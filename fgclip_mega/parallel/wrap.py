@@ -88,6 +88,14 @@ def wrap_data_parallel(
     return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
 
 
+def sync_params(ddp: DistributedDataParallel) -> None:
+    """Completes the distributed optimizer's overlapped parameter all-gather now. With
+    overlap_param_gather the updated params arrive during the *next* forward; call this before
+    anything reads them outside a forward (checkpoint save, evaluation, the end of training)."""
+    if ddp.use_forward_hook:
+        ddp.start_param_sync(force_sync=True)
+
+
 def skips_weight_decay(param: torch.nn.Parameter) -> bool:
     """As in CLIP: no decay on params of < 2 dims (biases, norms, the 0-dim logit scales, which
     megatron's default would decay) nor on those a model marks `no_weight_decay` (embeddings)."""

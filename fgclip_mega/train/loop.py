@@ -18,7 +18,7 @@ import torch.distributed as dist
 from fgclip_mega.checkpoint import training as ckpt
 from fgclip_mega.config import Config
 from fgclip_mega.parallel import destroy_parallel, init_parallel
-from fgclip_mega.parallel.wrap import apply_optimizer_hyperparams
+from fgclip_mega.parallel.wrap import apply_optimizer_hyperparams, sync_params
 from fgclip_mega.profiling import maybe_torch_profiler
 from fgclip_mega.train.build import TrainingRun, build_training_run
 from fgclip_mega.train.evaluate import evaluate_during_training
@@ -140,12 +140,14 @@ def run_training(run: TrainingRun) -> TrainResult:
             if every(cfg.checkpoint.save_interval):
                 last_ckpt = save(step)
             if cfg.train.eval_batches and every(cfg.train.eval_interval) and step < cfg.train.steps:
+                sync_params(run.ddp)
                 evals.append({"step": step, **evaluate_during_training(run, step, metrics)})
             tick()
             if preemption.should_stop():
                 preempted = True
                 break
 
+    sync_params(run.ddp)
     if step > first_step and not last_ckpt.endswith(f"{step:08d}"):
         last_ckpt = save(step)
     ckpt.checkpointer(run.output_dir / "checkpoints", state, cfg.checkpoint).wait()

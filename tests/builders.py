@@ -1,0 +1,167 @@
+"""Shared test builders: small and preset model configs, a perturbed transformers CLIPModel,
+sample inputs, our model built on megatron's groups, the outputs both give, error measures. The
+`world` fixture (a world of one with megatron's groups) is in conftest.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from fgclip_mega.config import PRESETS, ModelConfig, ParallelConfig, TextConfig, VisionConfig
+
+EOS = 49407
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def small_config() -> ModelConfig:
+    """Odd token counts (17 image tokens, 77 text tokens) and widths divisible by TP 1, 2, 4."""
+    return ModelConfig(
+        vision=VisionConfig(image_size=32, patch_size=8, width=48, layers=2, heads=4, mlp_width=96),
+        text=TextConfig(width=32, layers=2, heads=4, mlp_width=64),
+        projection_dim=24,
+    )
+
+
+def b16_config() -> ModelConfig:
+    return PRESETS["fgclip_vit_b16"]().model
+
+
+def perturbed_clip(cfg: ModelConfig, seed: int = 0):
+    """A random fp32 transformers CLIPModel (eager attention) whose biases, norms and scale are
+    perturbed away from their 0/1 init so that every mapped tensor matters."""
+    from transformers import CLIPModel
+
+    from fgclip_mega.checkpoint import clip_config
+
+    torch.manual_seed(seed)
+    hf = CLIPModel(clip_config(cfg, attn_implementation="eager")).float()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+        hf.logit_scale.fill_(2.3)
+    return hf.eval()
+
+
+def fgclip_layout(hf, cfg: ModelConfig, seed: int = 1) -> dict[str, torch.Tensor]:
+    """HF state dict plus FG-CLIP extras with values that differ from their derived defaults."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    t, p = cfg.text, cfg.projection_dim
+    emb = "text_model.embeddings"
+    sd[f"{emb}.position_embedding_ori.weight"] = torch.randn(t.long_context, t.width, generator=g)
+    sd[f"{emb}.position_embedding_res.weight"] = torch.randn(t.long_context, t.width, generator=g)
+    sd["text_filip_projection.weight"] = torch.randn(p, t.width, generator=g) * t.width**-0.5
+    sd["logit_scale_finegraind"] = torch.tensor(3.1)
+    sd["logit_scale_hardneg"] = torch.tensor(1.7)
+    return sd
+
+
+def sample_inputs(cfg: ModelConfig, n_images: int, n_texts: int, length: int, seed: int = 2):
+    """Images (B, 3, S, S) and tokens (T, length): a random caption, EOS at a random place,
+    then EOS or 0 padding (both occur in the wild; pooling takes the first EOS)."""
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.vision.image_size
+    images = torch.randn(n_images, 3, s, s, generator=g)
+    tokens = torch.randint(1, EOS - 1, (n_texts, length), generator=g)
+    for i in range(n_texts):
+        end = int(torch.randint(1, length, (1,), generator=g))
+        tokens[i, end] = EOS
+        tokens[i, end + 1 :] = EOS if i % 2 else 0
+    return images, tokens
+
+
+def long_reference(hf, sd: dict[str, torch.Tensor], cfg: ModelConfig):
+    """A CLIPModel with 248 positions whose table is FG-CLIP's per-position choice (ori below
+    the split, res above) and whose text projection is text_filip_projection: the long-text
+    path written with transformers' modules."""
+    from transformers import CLIPModel
+
+    from fgclip_mega.checkpoint import clip_config
+
+    t = cfg.text
+    long_cfg = dataclasses.replace(cfg, text=dataclasses.replace(t, short_context=t.long_context))
+    ref = CLIPModel(clip_config(long_cfg, attn_implementation="eager")).float().eval()
+    emb = "text_model.embeddings"
+    state = {k: v for k, v in sd.items() if k in ref.state_dict()}
+    k = t.long_position_split
+    ori, res = (
+        sd[f"{emb}.position_embedding_ori.weight"],
+        sd[f"{emb}.position_embedding_res.weight"],
+    )
+    state[f"{emb}.position_embedding.weight"] = torch.cat([ori[:k], res[k:]])
+    state["text_projection.weight"] = sd["text_filip_projection.weight"]
+    ref.load_state_dict(state, strict=True)
+    return ref
+
+
+@torch.no_grad()
+def dense_by_hand(hf, images: torch.Tensor) -> torch.Tensor:
+    """FG-CLIP dense features from HF's modules: the last block's input, its value path, then
+    post_layernorm and visual_projection; (B, P, g, g)."""
+    vm = hf.vision_model
+    x = vm.pre_layrnorm(vm.embeddings(images))  # (B, N, D)
+    for layer in vm.encoder.layers[:-1]:
+        x = layer(x, None)
+        x = x[0] if isinstance(x, tuple) else x
+    last = vm.encoder.layers[-1]
+    x = x + last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(x)))
+    x = x + last.mlp(last.layer_norm2(x))
+    x = hf.visual_projection(vm.post_layernorm(x[:, 1:]))  # (B, g*g, P)
+    g = int(math.isqrt(x.shape[1]))
+    return x.transpose(1, 2).reshape(x.shape[0], -1, g, g)
+
+
+def hf_outputs(hf, images, tokens) -> dict[str, torch.Tensor]:
+    out = hf(input_ids=tokens, pixel_values=images)
+    return {
+        "image": hf.get_image_features(pixel_values=images).pooler_output,
+        "text": hf.get_text_features(input_ids=tokens).pooler_output,
+        "logits": out.logits_per_image,
+    }
+
+
+def our_outputs(model, images, tokens) -> dict[str, torch.Tensor]:
+    image, text = model.encode_image(images), model.encode_text(tokens)
+    logits = (image / image.norm(dim=-1, keepdim=True)) @ (text / text.norm(dim=-1, keepdim=True)).T
+    return {"image": image, "text": text, "logits": logits * model.logit_scale.exp()}
+
+
+def probe_loss(out: dict[str, torch.Tensor], seed: int = 3) -> torch.Tensor:
+    """A scalar that depends on every output with random weights (same on every rank)."""
+    g = torch.Generator().manual_seed(seed)
+    return sum((v * torch.randn(v.shape, generator=g)).sum() for _, v in sorted(out.items()))
+
+
+def build_model(cfg: ModelConfig, parallel: ParallelConfig, source=None, seed: int = 5):
+    from fgclip_mega.checkpoint import import_hf_state_dict
+    from fgclip_mega.models import FGCLIPModel
+
+    torch.manual_seed(seed)
+    model = FGCLIPModel(cfg, parallel)
+    if source is not None:
+        import_hf_state_dict(model, source)
+    return model
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.detach().double() - b.detach().double()).abs().max().item()
+
+
+def grad_errors(model, hf) -> dict[str, float]:
+    """Per HF key: max |exported grad - HF grad| / max(1, max |HF grad|)."""
+    from fgclip_mega.checkpoint import export_hf_state_dict
+
+    ours = export_hf_state_dict(model, layout="clip", grads=True)
+    errs = {}
+    for name, p in hf.named_parameters():
+        ref = p.grad if p.grad is not None else torch.zeros_like(p)
+        errs[name] = max_err(ours[name], ref) / max(1.0, ref.abs().max().item())
+    return errs
+
+
+# ----------------------------------------------------------------------------- fixtures
