@@ -1,0 +1,173 @@
+"""python -m fgclip_mega.eval --checkpoint DIR [--data INDEX | --synthetic-seed N] [key=value ...]
+
+Evaluates a training checkpoint (any TP x DP it was saved with) or imported HF CLIPModel /
+FG-CLIP weights on a held-out set, distributed over data-parallel ranks when started with
+torchrun, and writes <out>/eval.json (the nested result) and <out>/eval.md (a table).
+The held-out set is `--data` (a shard index) or the synthetic scene generator with a seed that
+differs from training's (built once under --synthetic-dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+from fgclip_mega.config import PRESETS, Config, ConfigError, apply_cli, apply_dict, preset
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m fgclip_mega.eval", description=__doc__)
+    p.add_argument("--checkpoint", required=True, help="training run/checkpoint dir or HF weights")
+    p.add_argument(
+        "--preset",
+        default="fgclip_vit_b16",
+        choices=sorted(PRESETS),
+        help="model config for HF weights (training checkpoints carry their own)",
+    )
+    p.add_argument("--data", default="", help="held-out shard index; empty = synthetic")
+    p.add_argument(
+        "--synthetic-seed",
+        type=int,
+        default=None,
+        help="seed of the synthetic held-out set (default: training data.seed + 1000)",
+    )
+    p.add_argument("--synthetic-samples", type=int, default=512)
+    p.add_argument("--synthetic-dir", default="runs/eval_data")
+    p.add_argument("--micro-batch", type=int, default=32)
+    p.add_argument("--out", default="", help="output dir (default: <checkpoint>/eval)")
+    p.add_argument("--name", default="model", help="column name in eval.md")
+    p.add_argument("overrides", nargs="*", help="config key=value pairs (e.g. parallel.*)")
+    return p
+
+
+def build_config(args) -> tuple[Config, Path | None]:
+    from fgclip_mega.eval.weights import saved_config, training_checkpoint
+
+    step_dir = training_checkpoint(args.checkpoint)
+    if step_dir is not None:
+        cfg = Config()
+        saved = saved_config(step_dir)
+        if not saved:
+            raise ConfigError(f"--checkpoint {step_dir}: meta.json holds no config")
+        apply_dict(cfg, saved)
+        cfg.checkpoint.load = ""
+        cfg.checkpoint.init_from = ""
+    else:
+        if not Path(args.checkpoint).exists():
+            raise ConfigError(f"--checkpoint {args.checkpoint}: no such file or directory")
+        cfg = preset(args.preset)
+    # The eval run's layout is its own: TP from the overrides (default 1), DP = world / TP.
+    cfg.parallel.tensor_parallel_size = 1
+    cfg.parallel.sequence_parallel = False
+    apply_cli(cfg, args.overrides)
+    seed = args.synthetic_seed if args.synthetic_seed is not None else cfg.data.seed + 1000
+    cfg.data = dataclasses.replace(
+        cfg.data,
+        shards=args.data,
+        micro_batch_size=args.micro_batch,
+        synthetic_num_samples=args.synthetic_samples,
+        synthetic_dir=f"{args.synthetic_dir}/seed{seed}_n{args.synthetic_samples}",
+        seed=seed,
+        region_text="short",  # each box's phrase is its attribute phrase
+        py_num_workers=0,
+    )
+    return cfg.validate(), step_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", 0))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    log = logging.getLogger("fgclip_mega.eval")
+    try:
+        cfg, step_dir = build_config(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from fgclip_mega.checkpoint import CheckpointError
+
+    try:
+        result = evaluate_checkpoint(cfg, step_dir, args, log)
+    except (CheckpointError, FileNotFoundError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if rank == 0:
+        from fgclip_mega.eval.suite import summary_of
+
+        print(json.dumps(summary_of(result)))
+    return 0
+
+
+def evaluate_checkpoint(cfg: Config, step_dir: Path | None, args, log) -> dict:
+    from fgclip_mega.checkpoint import import_hf_state_dict
+    from fgclip_mega.data import build_loader
+    from fgclip_mega.eval.collect import collect
+    from fgclip_mega.eval.report import markdown_table
+    from fgclip_mega.eval.suite import run_suite
+    from fgclip_mega.eval.weights import load_training_weights
+    from fgclip_mega.models import FGCLIPModel
+    from fgclip_mega.parallel import destroy_parallel, init_parallel
+
+    t0 = time.perf_counter()
+    state = init_parallel(cfg, seed=cfg.train.seed)
+    try:
+        cfg.validate(world_size=state.world_size)
+        model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, state.runtime)
+        if step_dir is not None:
+            info = load_training_weights(model, step_dir)
+            log.info(
+                "weights of %s (step %d, saved %s)", step_dir, info["step"], info["saved_layout"]
+            )
+        else:
+            import_hf_state_dict(model, args.checkpoint)
+        model.eval()
+        loader = build_loader(
+            cfg.data,
+            cfg.model.vision.image_size,
+            cfg.model.text.short_context,
+            cfg.model.text.long_context,
+            dp_rank=state.dp_rank,
+            dp_size=state.dp_size,
+            device=state.runtime.device,
+        )
+        try:
+            n = loader.shards.num_samples
+            # ceil: every sample at least once; repeats are dropped by sample id.
+            batches = math.ceil(n / (cfg.data.micro_batch_size * state.dp_size))
+            log.info("evaluating %d samples: %d batches x %d ranks", n, batches, state.dp_size)
+            es = collect(model, loader, batches, state.dp_group, state.runtime)
+        finally:
+            loader.close()
+        result = run_suite(model, es, state.runtime)
+        result["wall_s"] = time.perf_counter() - t0
+        result["checkpoint"] = str(step_dir or args.checkpoint)
+        result["eval_data"] = cfg.data.shards or cfg.data.synthetic_dir
+        result["layout"] = {"tp": state.tp_size, "dp": state.dp_size}
+        if state.rank == 0:
+            base = step_dir.parent.parent if step_dir is not None else Path(args.checkpoint).parent
+            out = Path(args.out) if args.out else base / "eval"
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(json.dumps(result, indent=1))
+            (out / "eval.md").write_text(markdown_table({args.name: result}))
+            log.info(
+                "wrote %s and %s in %.1f s", out / "eval.json", out / "eval.md", result["wall_s"]
+            )
+        return result
+    finally:
+        destroy_parallel()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
