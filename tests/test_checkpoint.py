@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from fgclip_mega.config import ParallelConfig
-from tests.test_model import build_model, fgclip_layout, perturbed_clip, small_config, world
-
-__all__ = ["world"]  # the fixture, re-exported for pytest
+from tests.builders import build_model, fgclip_layout, perturbed_clip, small_config
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
@@ -126,7 +125,7 @@ def test_mismatched_checkpoints_name_the_key(world):
         import_hf_state_dict(model, bad)
 
     # A ViT-B/16 checkpoint into the small model: the first mismatching key is named.
-    from tests.test_model import b16_config
+    from tests.builders import b16_config
 
     with torch.device("meta"):
         from transformers import CLIPModel
@@ -156,3 +155,46 @@ def test_export_layout_is_checked(world):
 
     with pytest.raises(ValueError, match="layout"):
         export_hf_state_dict(build_model(small_config(), ParallelConfig()), layout="openclip")
+
+
+def test_partial_fgclip_extras_are_refused_not_derived(world):
+    """Issue 9: some FG-CLIP extras present and others missing is a broken FG-CLIP checkpoint,
+    not a plain CLIP one: refused naming the missing keys (derivation is for plain CLIP only)."""
+    from fgclip_mega.checkpoint import CheckpointError, import_hf_state_dict
+
+    cfg = small_config()
+    sd = fgclip_layout(perturbed_clip(cfg), cfg)
+    res = "text_model.embeddings.position_embedding_res.weight"
+    partial = {k: v for k, v in sd.items() if k not in (res, "logit_scale_hardneg")}
+    model = build_model(cfg, ParallelConfig())
+    before = export_state(model)
+    with pytest.raises(
+        CheckpointError, match=r"lacks \['logit_scale_hardneg', '[\w.]+position_embedding_res"
+    ):
+        import_hf_state_dict(model, partial)
+    assert _equal(export_state(model), before) == []  # nothing was half-loaded
+
+
+def export_state(model):
+    from fgclip_mega.checkpoint import export_hf_state_dict
+
+    return export_hf_state_dict(model)
+
+
+def test_siglip_logit_bias_round_trips_and_mismatches_are_named(world):
+    from fgclip_mega.checkpoint import CheckpointError, export_hf_state_dict, import_hf_state_dict
+
+    cfg = small_config()
+    biased = dataclasses.replace(cfg, logit_bias_init=-10.0)
+    sd = fgclip_layout(perturbed_clip(cfg), cfg)
+    sd_bias = {**sd, "logit_bias": torch.tensor(-7.25)}
+    model = build_model(biased, ParallelConfig())
+    assert import_hf_state_dict(model, sd_bias) == {"derived": []}
+    assert model.logit_bias.item() == -7.25
+    assert _equal(export_hf_state_dict(model), sd_bias) == []
+    with pytest.raises(CheckpointError, match=r"logit_bias.*model\.logit_bias_init"):
+        import_hf_state_dict(model, sd)  # the model has a bias, the checkpoint none
+    with pytest.raises(CheckpointError, match=r"logit_bias.*model\.logit_bias_init"):
+        import_hf_state_dict(build_model(cfg, ParallelConfig()), sd_bias)
+    with pytest.raises(CheckpointError, match="logit_bias"):
+        export_hf_state_dict(model, layout="clip")  # CLIPModel cannot hold the bias

@@ -3,7 +3,9 @@
 The key map is explicit: each of our parameters is one HF tensor, or (the fused qkv) the
 concatenation of HF's q/k/v tensors along dim 0. Import gives each TP rank its slice according to
 megatron's sharding attributes; export all-gathers the slices over the TP group and splits them
-back into HF keys. FG-CLIP's extras are derived when a plain CLIP checkpoint lacks them.
+back into HF keys. FG-CLIP's extras are derived only for a plain CLIP checkpoint (none of them
+present); a checkpoint with some but not all of them is refused. A model with SigLIP's
+`logit_bias` (model.logit_bias_init set) maps it to the HF SigLIP key `logit_bias`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from fgclip_mega.models.text import stretch_positions
 log = logging.getLogger(__name__)
 
 _POS_IDS = "position_ids"  # HF buffers stored by older transformers versions; not weights
+_BIAS = "logit_bias"  # SigLIP's learnable bias of the global logits (HF SiglipModel's key)
 _TEXT_POS = "text_model.embeddings.position_embedding.weight"
 
 # FG-CLIP extras: our name -> (HF key, HF key it is derived from when absent).
@@ -67,6 +70,8 @@ def key_map(cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
                 m[f"{o}.mlp.fc2.{w}"] = (f"{h}.mlp.fc2.{w}",)
     for ours, (hf, _) in EXTRAS.items():
         m[ours] = (hf,)
+    if cfg.logit_bias_init is not None:
+        m[_BIAS] = (_BIAS,)
     return m
 
 
@@ -198,14 +203,28 @@ def import_hf_state_dict(
     naming them. Returns {"derived": [FG-CLIP keys built because the source lacked them]}."""
     state = {k: v for k, v in load_state_dict(source).items() if not k.endswith(_POS_IDS)}
     mapping = key_map(model.cfg)
+    has_bias = model.cfg.logit_bias_init is not None
+    if (_BIAS in state) != has_bias:
+        raise CheckpointError(
+            f"the checkpoint {'has' if _BIAS in state else 'has no'} {_BIAS} (SigLIP) but the "
+            f"model {'has' if has_bias else 'has none'}: "
+            + ("set model.logit_bias_init" if not has_bias else "unset model.logit_bias_init")
+        )
     known = {k for keys in mapping.values() for k in keys}
     unexpected = sorted(set(state) - known)
     if unexpected:
         raise CheckpointError(f"unexpected key(s) in checkpoint: {_listing(unexpected)}")
-    required = known - {hf for hf, _ in EXTRAS.values()}
-    missing = sorted(required - set(state))
+    extras = {hf for hf, _ in EXTRAS.values()}
+    missing = sorted(known - extras - set(state))
     if missing:
         raise CheckpointError(f"missing key(s) in checkpoint: {_listing(missing)}")
+    present = extras & set(state)
+    if present and present != extras:
+        # Only a plain CLIP checkpoint (no extras at all) gets derived ones.
+        raise CheckpointError(
+            f"FG-CLIP checkpoint is incomplete: it has {sorted(present)} but lacks "
+            f"{sorted(extras - present)}; refusing to derive a mix"
+        )
     params = dict(model.named_parameters())
     if set(params) != set(mapping):
         raise AssertionError(f"key map out of date: {sorted(set(params) ^ set(mapping))}")
@@ -241,6 +260,10 @@ def export_hf_state_dict(
     if layout not in ("fgclip", "clip"):
         raise ValueError(f"layout must be 'fgclip' or 'clip', got {layout!r}")
     mapping = key_map(model.cfg)
+    if layout == "clip" and model.cfg.logit_bias_init is not None:
+        raise CheckpointError(
+            f"layout 'clip' (transformers CLIPModel) has no {_BIAS}: export layout 'fgclip'"
+        )
     out: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if layout == "clip" and name in EXTRAS:
