@@ -5,7 +5,8 @@
 # Values inside rois (finite coordinates, batch index, adaptive sample count) are checked only
 # when rois live on the CPU: reading a device tensor's values would need a device->host sync.
 # The training path builds rois on the host (ops.pool_rois), so they are always checked there;
-# rois already on a GPU get the kernels' own guard (a non-finite or out-of-range box pools to 0).
+# rois already on a GPU (or traced by torch.compile) get the kernels' own guard: the CPU op raises
+# naming the row, the CUDA op pools a non-finite or out-of-range box to zero.
 from __future__ import annotations
 
 import math
@@ -102,7 +103,8 @@ def check_roi_align_args(
         raise ValueError(
             f"roi_align: output_size {(ph, pw)} with {k} rois and {c} channels overflows int64"
         )
-    if rois.device.type == "cpu":
+    # Under torch.compile, value checks would break the graph: the kernels' guard applies there.
+    if rois.device.type == "cpu" and not torch.compiler.is_compiling():
         check_roi_values(rois, n, (ph, pw), float(spatial_scale), int(sampling_ratio), aligned)
     return ph, pw
 

@@ -26,7 +26,7 @@ namespace {
 
 template <typename acc_t>
 void compute_profiles_cpu(const at::Tensor& rois, double spatial_scale, int ph_n, int pw_n,
-                          int n_img, int h, int w, int sampling_ratio, bool aligned,
+                          int64_t n_img, int h, int w, int sampling_ratio, bool aligned,
                           Profiles& p) {
   const int64_t k_n = rois.size(0);
   const acc_t* r = rois.data_ptr<acc_t>();  // (K, 5)
@@ -40,11 +40,9 @@ void compute_profiles_cpu(const at::Tensor& rois, double spatial_scale, int ph_n
   at::parallel_for(0, k_n, 64, [&](int64_t begin, int64_t end) {
     for (int64_t k = begin; k < end; ++k) {
       const acc_t* box = r + k * 5;
-      // Truncation toward zero, as torchvision's int cast of the batch column.
-      const int b = static_cast<int>(box[0]);
-      meta[k * 5] = (b >= 0 && b < n_img) ? b : -1;
       const auto ay = make_axis<acc_t>(box[2], box[4], scale, aligned, ph_n, sampling_ratio);
       const auto ax = make_axis<acc_t>(box[1], box[3], scale, aligned, pw_n, sampling_ratio);
+      meta[k * 5] = box_image(box, n_img, ay, ax);
       norm[k] = box_norm(ay, ax);
       int y0 = h, y1 = 0, x0 = w, x1 = 0;
       for (int ph = 0; ph < ph_n; ++ph) {
@@ -293,7 +291,7 @@ Profiles profiles_for(const at::Tensor& rois, at::ScalarType dtype, double spati
 
 at::Tensor roi_align_cpu(const at::Tensor& input_, const at::Tensor& rois, double spatial_scale,
                          int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
-  check_forward_args(input_, rois, ph, pw);
+  check_forward_args(input_, rois, spatial_scale, ph, pw, sampling_ratio);
   const bool cl = is_channels_last(input_);
   const auto input = cl ? input_ : input_.contiguous();
   const int64_t n = input.size(0), c = input.size(1), h = input.size(2), w = input.size(3);
@@ -304,9 +302,17 @@ at::Tensor roi_align_cpu(const at::Tensor& input_, const at::Tensor& rois, doubl
   at::Tensor rois_acc;
   Profiles p = profiles_for(rois, input.scalar_type(), spatial_scale, ph, pw, n, h, w,
                             sampling_ratio, aligned, rois_acc);
-  // The CUDA op cannot check this without a host sync and pools such boxes to zero instead.
-  const auto bad = p.meta.select(1, 0).lt(0).any().item<bool>();
-  TORCH_CHECK(!bad, "fgclip::roi_align: rois[:, 0] holds a batch index outside [0, ", n, ")");
+  // The CUDA op cannot check these without a host sync and pools such boxes to zero instead.
+  const auto bad = p.meta.select(1, 0).lt(0).nonzero();
+  if (bad.numel() > 0) {
+    const int64_t row = bad[0][0].item<int64_t>();
+    const int kind = p.meta[row][0].item<int>();
+    TORCH_CHECK(kind != kBadIndex, "fgclip::roi_align: rois row ", row,
+                " has a batch index outside [0, ", n, ")");
+    TORCH_CHECK(false, "fgclip::roi_align: rois row ", row,
+                " is not finite or too large for adaptive sampling (more than 2^31 - 1 samples "
+                "per bin and axis)");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(),
                                   "fgclip_roi_align_forward",
                                   [&] {
@@ -324,7 +330,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad_, const at::Tensor& roi
                                   double spatial_scale, int64_t ph, int64_t pw, int64_t n,
                                   int64_t c, int64_t h, int64_t w, int64_t sampling_ratio,
                                   bool aligned, bool /*deterministic*/, bool channels_last) {
-  check_backward_args(grad_, rois, ph, pw, n, c, h, w);
+  check_backward_args(grad_, rois, spatial_scale, ph, pw, n, c, h, w, sampling_ratio);
   const auto grad = grad_.contiguous();
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   auto gin = at::empty({n, c, h, w}, grad.options().memory_format(fmt));

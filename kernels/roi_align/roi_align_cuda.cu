@@ -66,12 +66,11 @@ __global__ void profiles_kernel(const acc_t* __restrict__ rois, int64_t k_n, acc
 // One thread per box: batch index (-1 when out of range), union support, normaliser.
 template <typename acc_t>
 __global__ void meta_kernel(const acc_t* __restrict__ rois, int64_t k_n, acc_t scale, int ph_n,
-                            int pw_n, int n_img, int h, int w, int sampling_ratio, bool aligned,
+                            int pw_n, int64_t n_img, int h, int w, int sampling_ratio, bool aligned,
                             const int* __restrict__ ry, const int* __restrict__ rx, int* meta,
                             acc_t* norm) {
   FGCLIP_GRID_STRIDE(k, k_n) {
     const acc_t* box = rois + k * 5;
-    const int b = static_cast<int>(box[0]);
     const auto ay = make_axis<acc_t>(box[2], box[4], scale, aligned, ph_n, sampling_ratio);
     const auto ax = make_axis<acc_t>(box[1], box[3], scale, aligned, pw_n, sampling_ratio);
     norm[k] = box_norm(ay, ax);
@@ -85,7 +84,7 @@ __global__ void meta_kernel(const acc_t* __restrict__ rois, int64_t k_n, acc_t s
       if (r[1] > r[0]) x0 = min(x0, r[0]), x1 = max(x1, r[1]);
     }
     int* m = meta + k * 5;
-    m[0] = (b >= 0 && b < n_img) ? b : -1;
+    m[0] = box_image(box, n_img, ay, ax);  // < 0: pools to zero (checking needs a host sync)
     m[1] = y0, m[2] = y1, m[3] = x0, m[4] = x1;
   }
 }
@@ -168,11 +167,11 @@ __global__ void forward_1x1_kernel(const scalar_t* __restrict__ in, int64_t c_n,
     if (b >= 0) {
       const scalar_t* plane = in + (int64_t(b) * c_n + c) * h * w;  // (H, W)
       const int y0 = m[1], x0 = m[3], bw = m[4] - m[3];
-      const int area = (m[2] - m[1]) * max(bw, 0);
+      const int64_t area = int64_t(m[2] - m[1]) * max(bw, 0);  // can exceed 2^31 pixels
       const acc_t* wyr = wy + k * h;
       const acc_t* wxr = wx + k * w;
-      for (int t = lane; t < area; t += 32) {
-        const int y = y0 + t / bw, x = x0 + t % bw;
+      for (int64_t t = lane; t < area; t += 32) {
+        const int y = y0 + static_cast<int>(t / bw), x = x0 + static_cast<int>(t % bw);
         s += wyr[y] * wxr[x] * static_cast<acc_t>(plane[y * w + x]);
       }
     }
@@ -282,7 +281,7 @@ Profiles profiles_cuda(const at::Tensor& rois, at::ScalarType dtype, double spat
 
 at::Tensor roi_align_cuda(const at::Tensor& input_, const at::Tensor& rois, double spatial_scale,
                           int64_t ph, int64_t pw, int64_t sampling_ratio, bool aligned) {
-  check_forward_args(input_, rois, ph, pw);
+  check_forward_args(input_, rois, spatial_scale, ph, pw, sampling_ratio);
   const c10::cuda::CUDAGuard guard(input_.device());
   const bool cl = is_channels_last(input_);
   const auto input = cl ? input_ : input_.contiguous();
@@ -292,7 +291,8 @@ at::Tensor roi_align_cuda(const at::Tensor& input_, const at::Tensor& rois, doub
   if (out.numel() == 0) return out;
   if (h == 0 || w == 0) return out.zero_();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  // Boxes with an out-of-range batch index pool to zero (checking would need a host sync).
+  // Boxes with an out-of-range batch index or non-finite values pool to zero (checking would
+  // need a host sync; the Python checker rejects them while the rois are still on the host).
   Profiles p =
       profiles_cuda(rois, input.scalar_type(), spatial_scale, ph, pw, n, h, w, sampling_ratio,
                     aligned, stream);
@@ -325,7 +325,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad_, const at::Tensor& ro
                                    double spatial_scale, int64_t ph, int64_t pw, int64_t n,
                                    int64_t c, int64_t h, int64_t w, int64_t sampling_ratio,
                                    bool aligned, bool deterministic, bool channels_last) {
-  check_backward_args(grad_, rois, ph, pw, n, c, h, w);
+  check_backward_args(grad_, rois, spatial_scale, ph, pw, n, c, h, w, sampling_ratio);
   const c10::cuda::CUDAGuard guard(grad_.device());
   const auto grad = grad_.contiguous();
   const int64_t k = rois.size(0);
@@ -358,7 +358,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad_, const at::Tensor& ro
     return buf.to(grad.scalar_type());  // keeps buf's memory format
   }
   // Group boxes by image with a stable sort: segment n of `order` lists image n's boxes in
-  // ascending index; out-of-range boxes (-1) sort first and fall outside every segment.
+  // ascending index; invalid boxes (kBadIndex, kBadBox < 0) sort first and fall outside every segment.
   const auto bidx = p.meta.select(1, 0).contiguous();                   // (K,) int32
   const auto sorted = at::sort(bidx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const auto order = std::get<1>(sorted).contiguous();                  // (K,) int64
