@@ -255,6 +255,7 @@ def _dp2_loss_counts(impl: str) -> dict:
     return _loss_counts(cfg, 6, 9 + state.dp_rank, 5, state.dp_group, seed=state.dp_rank)
 
 
+@pytest.mark.slow  # two spawned processes: 26-55 s on the shared 2-core machine
 def test_loss_flops_match_counter_data_parallel():
     for rank, counts in enumerate(run_distributed(_dp2_loss_counts, 2, "chunked")):
         cfg = tiny("chunked")
