@@ -303,6 +303,18 @@ class Checkpointer:
             optimizer, model, optim_state, st.tp_group.rank(), st.tp_size, where
         )
         scheduler.load_state_dict(train_state["scheduler"])
+        data = train_state["loader"]
+        if data.get("dp_size") != st.dp_size:
+            log.warning(
+                "data-parallel size %s -> %d: each rank's sample order depends on it, so the "
+                "loader continues at the start of epoch %d (global samples consumed: %s; the "
+                "rest of epoch %d is not seen)",
+                data.get("dp_size"),
+                st.dp_size,
+                data["epoch"] + (data["offset_in_epoch"] > 0),
+                data.get("global_samples"),
+                data["epoch"],
+            )
         try:
             loader.load_state_dict(train_state["loader"])
         except ValueError as e:
