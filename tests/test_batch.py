@@ -23,6 +23,7 @@ def _padded(counts: list[int], hard: list[list[int]], m: int = 4, seed: int = 0)
         "hardneg_tokens": np.zeros((b, m, 1 + K, S), np.int32),
         "hardneg_valid": np.zeros((b, m), np.uint8),
         "sample_ids": np.arange(b, dtype=np.int64) * 10,
+        "positions": np.arange(b, dtype=np.int64),
         "epoch": 3,
     }
     for i, n in enumerate(counts):

@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from fgclip_mega.data.schema import OUTPUT_NAMES
 from fgclip_mega.data.tokenizer import EOT_ID
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -117,6 +118,9 @@ def batch_from_arrays(
 
     `short_context`/`long_context` cap the trimmed lengths (default: the arrays' widths).
     """
+    missing = [name for name in OUTPUT_NAMES[1:] if name not in arrays]  # all but 'jpeg'
+    if missing:
+        raise KeyError(f"batch arrays lack the schema outputs {missing}")
     a = {name: _tensor(arrays[name]) for name in arrays if name not in ("jpeg", "epoch")}
     counts = a["box_counts"].to(torch.int64)
     rois, region, hard_rows, hard_tokens = pack_regions(

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from fgclip_mega.config import DataConfig
+from fgclip_mega.data import schema
 from fgclip_mega.data.batch import CLIP_MEAN, CLIP_STD, Batch, batch_from_arrays
 from fgclip_mega.data.shards import ShardSet, open_shard_set
 from fgclip_mega.data.source import OUTPUTS, SampleSource
@@ -67,13 +68,8 @@ def _build_pipeline(
     from nvidia.dali import fn, pipeline_def, types
 
     workers = cfg.py_num_workers
-    dtypes = {
-        "jpeg": types.UINT8,
-        "boxes": types.FLOAT,
-        "sample_ids": types.INT64,
-        "positions": types.INT64,
-        "hardneg_valid": types.UINT8,
-    }
+    dali_types = {"uint8": types.UINT8, "int32": types.INT32, "int64": types.INT64,
+                  "float32": types.FLOAT}  # fmt: skip
 
     @pipeline_def(
         batch_size=source.spec.batch_size,
@@ -90,7 +86,7 @@ def _build_pipeline(
             batch=True,
             batch_info=True,
             parallel=workers > 0,
-            dtype=[dtypes.get(name, types.INT32) for name in OUTPUTS],
+            dtype=[dali_types[field.dtype] for field in schema.OUTPUTS],
         )
         images = fn.decoders.image(outs[0], device=decode_device, output_type=types.RGB)
         if decode_device == "mixed":

@@ -1,6 +1,7 @@
-"""Zarr v3 shard format: writer, reader and the shard index.
+"""Zarr v3 shard format: writer, reader, the shard index, and (lazily) the builders.
 
-A shard is one zarr group `shard-NNNNNN.zarr` of N samples with M boxes in total:
+A shard is one zarr group `shard-NNNNNN.zarr` of N samples with M boxes in total, holding the
+arrays of `schema.SHARD` (checked on write):
 
     image_bytes      (total,) uint8    concatenated JPEGs, uncompressed (JPEG is compressed)
     image_offsets    (N+1,) int64      sample i = image_bytes[off[i]:off[i+1]]
@@ -35,11 +36,10 @@ import numpy as np
 
 from fgclip_mega.data import tokenizer
 from fgclip_mega.data.ingest import Sample
+from fgclip_mega.data.schema import LONG_CONTEXT, SHARD, SHORT_CONTEXT, check_shard_arrays
 
 FORMAT = "fgclip_mega.shards"
 VERSION = 1
-LONG_CONTEXT = 248
-SHORT_CONTEXT = 77
 SHORT_PREFIX = "a photo of "
 """Upstream FG-CLIP tokenizes 'a photo of ' + short_caption."""
 INDEX_NAME = "index.json"
@@ -76,6 +76,12 @@ def read_marker(shard_path: str | Path) -> dict | None:
 
 
 # ----------------------------------------------------------------------------- writing
+
+
+def _strings(texts: list[str]) -> np.ndarray:
+    out = np.empty(len(texts), dtype=object)  # 1-D even when texts is empty
+    out[:] = texts
+    return out
 
 
 def _tokens_of(texts: list[str], n_rows: int, context: int) -> np.ndarray:
@@ -123,11 +129,12 @@ def write_shard(
         neg_tokens[rows] = tokenizer.tokenize(texts, SHORT_CONTEXT).reshape(-1, k, SHORT_CONTEXT)
 
     arrays = {
+        "image_bytes": np.frombuffer(b"".join(s.image for s in samples), dtype=np.uint8),
         "image_offsets": image_offsets,
         "image_sizes": np.array([[s.width, s.height] for s in samples], np.int32).reshape(-1, 2),
-        "keys": np.array([s.key for s in samples], dtype=object),
-        "captions": np.array([s.caption for s in samples], dtype=object),
-        "short_captions": np.array([s.short_caption for s in samples], dtype=object),
+        "keys": _strings([s.key for s in samples]),
+        "captions": _strings([s.caption for s in samples]),
+        "short_captions": _strings([s.short_caption for s in samples]),
         "long_tokens": _tokens_of([s.caption for s in samples], n, LONG_CONTEXT),
         "short_tokens": _tokens_of(
             [short_prefix + s.short_caption for s in samples], n, SHORT_CONTEXT
@@ -136,34 +143,36 @@ def write_shard(
         "boxes": np.asarray(flat_boxes, dtype=np.float32).reshape(m, 4),
         "box_short_tokens": _tokens_of(short_exprs, m, SHORT_CONTEXT),
         "box_long_tokens": _tokens_of(long_exprs, m, SHORT_CONTEXT),
-        "box_short_exprs": np.array(short_exprs, dtype=object),
-        "box_long_exprs": np.array(long_exprs, dtype=object),
+        "box_short_exprs": _strings(short_exprs),
+        "box_long_exprs": _strings(long_exprs),
         "neg_flags": flags,
         "neg_tokens": neg_tokens,
         "neg_texts": neg_texts,
     }
+    check_shard_arrays(arrays, n, m, k)
     group = zarr.open_group(str(path), mode="w")
     total = int(image_offsets[-1])
-    img = group.create_array(
-        "image_bytes",
-        shape=(total,),
-        dtype="uint8",
-        chunks=(_BYTE_CHUNK,),
-        shards=(_BYTE_SHARD,),
-        compressors=None,
-    )
-    if total:
-        img[:] = np.frombuffer(b"".join(s.image for s in samples), dtype=np.uint8)
-    for name, value in arrays.items():
-        is_str = value.dtype == object
-        chunks = (max(1, min(_ROW_CHUNK, len(value))),) + value.shape[1:]
-        arr = group.create_array(
-            name,
-            shape=value.shape,
-            dtype=str if is_str else value.dtype,
-            chunks=chunks,
-            compressors=ZstdCodec(level=3) if value.ndim > 1 and not is_str else "auto",
-        )
+    for field in SHARD:
+        value = arrays[field.name]
+        if field.rows == "bytes":  # flat bytes: big uncompressed chunks inside few files
+            arr = group.create_array(
+                field.name,
+                shape=value.shape,
+                dtype=value.dtype,
+                chunks=(_BYTE_CHUNK,),
+                shards=(_BYTE_SHARD,),
+                compressors=None,
+            )
+        else:
+            is_str = field.dtype == "str"
+            chunks = (max(1, min(_ROW_CHUNK, len(value))),) + value.shape[1:]
+            arr = group.create_array(
+                field.name,
+                shape=value.shape,
+                dtype=str if is_str else value.dtype,
+                chunks=chunks,
+                compressors=ZstdCodec(level=3) if value.ndim > 1 and not is_str else "auto",
+            )
         if value.size:
             arr[...] = value
     group.attrs.update(

@@ -15,22 +15,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from fgclip_mega.data.order import StreamOrder
+from fgclip_mega.data.schema import OUTPUT_NAMES, allocate_outputs
 from fgclip_mega.data.shards import Block, ShardReader
 from fgclip_mega.data.tokenizer import fit_context
 from fgclip_mega.data.worker_guard import guard_worker
 
-OUTPUTS = (
-    "jpeg",  # (bytes,) uint8, ragged
-    "long_tokens",  # (L,) int32
-    "short_tokens",  # (S,) int32
-    "boxes",  # (M, 4) float32 normalised xyxy, zero rows after box_counts
-    "box_counts",  # () int32
-    "region_tokens",  # (M, S) int32
-    "hardneg_tokens",  # (M, 1+K, S) int32: [short_expr, K negatives]
-    "hardneg_valid",  # (M,) uint8
-    "sample_ids",  # () int64 global id (index order)
-    "positions",  # () int64 stream position, checked by the loader
-)
+OUTPUTS = OUTPUT_NAMES  # per-sample outputs in DALI order: see schema.OUTPUTS
 REGION_TEXT = ("random", "short", "long")
 
 
@@ -148,19 +138,10 @@ class SampleSource:
         b, m, k = spec.batch_size, spec.max_boxes, spec.num_negatives
         s_ctx = spec.short_context
         first = spec.start + step * b
-        out = {
-            "jpeg": [],
-            "long_tokens": np.zeros((b, spec.long_context), np.int32),
-            "short_tokens": np.zeros((b, s_ctx), np.int32),
-            "boxes": np.zeros((b, m, 4), np.float32),
-            "box_counts": np.zeros(b, np.int32),
-            "region_tokens": np.zeros((b, m, s_ctx), np.int32),
-            "hardneg_tokens": np.zeros((b, m, 1 + k, s_ctx), np.int32),
-            "hardneg_valid": np.zeros((b, m), np.uint8),
-            "sample_ids": np.zeros(b, np.int64),
-            "positions": np.arange(first, first + b, dtype=np.int64),
-            "epochs": np.zeros(b, np.int64),
-        }
+        dims = {"LONG": spec.long_context, "SHORT": s_ctx, "M": m, "K": k}
+        out: dict = {"jpeg": [], **allocate_outputs(b, dims)}
+        out["positions"][:] = np.arange(first, first + b)
+        out["epochs"] = np.zeros(b, np.int64)
         for i, pos in enumerate(range(first, first + b)):
             epoch, offset = self.order.locate(pos)
             plan = self.order.plan(epoch)
