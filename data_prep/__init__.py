@@ -1,5 +1,6 @@
-"""Offline data preparation: FineHARD JSON(L) + images -> zarr shards, and synthetic data.
+"""Offline data preparation: thin command lines over the library's builders.
 
-Depends on `fgclip_mega.data` (tokenizer, ingest, shard format, synthetic scenes) only; the
-library never imports this package.
+FineHARD JSON(L) + images -> zarr shards (`build_shards`) and synthetic FineHARD data
+(`synthetic`). Imports only `fgclip_mega.data.shards` (the shard format and its builders) and the
+tokenizer (tests/test_schema.py checks it); the library never imports this package.
 """
