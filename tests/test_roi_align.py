@@ -597,6 +597,12 @@ def test_pool_rois_needs_no_host_sync():
         out = pool_rois(tokens, rois, grid_size=(h, w))
         (grad,) = torch.autograd.grad(out.sum(), tokens)
     assert out.shape == (2, d, 1, 1) and out.device.type == "meta" and grad.shape == tokens.shape
+    # Host rois bound for a device are still value-checked, on the host, before the copy.
+    bad = rois.index_put((torch.tensor(1), torch.tensor(3)), torch.tensor(float("nan")))
+    with HostSyncDetector(), pytest.raises(ValueError, match="rois row 1 is not finite"):
+        pool_rois(tokens, bad, grid_size=(h, w))
+    with pytest.raises(ValueError, match=r"rois row 0 has batch index 3.0 outside \[0, 3\)"):
+        pool_rois(tokens, torch.tensor([[3.0, 0, 0, 1, 1]]), grid_size=(h, w))
     boxes = torch.empty(b, 4, 4, device="meta")
     counts = torch.ones(b, dtype=torch.int64, device="meta")
     fmap = tokens.detach().transpose(1, 2).reshape(b, d, h, w)

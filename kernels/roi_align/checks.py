@@ -68,6 +68,22 @@ def check_rois_layout(rois, what: str = "rois") -> None:
         raise ValueError(f"roi_align: {what} must be a real floating tensor, got {rois.dtype}")
 
 
+def check_scalar_args(spatial_scale: float, sampling_ratio: int, aligned: bool) -> None:
+    if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
+        raise TypeError(f"roi_align: spatial_scale must be a number, got {spatial_scale!r}")
+    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
+        raise ValueError(f"roi_align: spatial_scale must be finite and > 0, got {spatial_scale}")
+    if not _is_int(sampling_ratio):
+        raise TypeError(f"roi_align: sampling_ratio must be an int, got {sampling_ratio!r}")
+    if not -INT32_MAX <= sampling_ratio <= INT32_MAX:
+        raise ValueError(
+            f"roi_align: sampling_ratio must fit in int32 (<= 0 means adaptive), "
+            f"got {sampling_ratio}"
+        )
+    if not isinstance(aligned, bool):
+        raise TypeError(f"roi_align: aligned must be a bool, got {aligned!r}")
+
+
 def check_roi_align_args(
     input: Tensor,  # (N, C, H, W)
     rois: Tensor,  # (K, 5)
@@ -84,19 +100,7 @@ def check_roi_align_args(
             f"roi_align: rois are on {rois.device} but input is on {input.device}; "
             "move them to the same device"
         )
-    if not isinstance(spatial_scale, numbers.Real) or isinstance(spatial_scale, bool):
-        raise TypeError(f"roi_align: spatial_scale must be a number, got {spatial_scale!r}")
-    if not (math.isfinite(spatial_scale) and spatial_scale > 0):
-        raise ValueError(f"roi_align: spatial_scale must be finite and > 0, got {spatial_scale}")
-    if not _is_int(sampling_ratio):
-        raise TypeError(f"roi_align: sampling_ratio must be an int, got {sampling_ratio!r}")
-    if not -INT32_MAX <= sampling_ratio <= INT32_MAX:
-        raise ValueError(
-            f"roi_align: sampling_ratio must fit in int32 (<= 0 means adaptive), "
-            f"got {sampling_ratio}"
-        )
-    if not isinstance(aligned, bool):
-        raise TypeError(f"roi_align: aligned must be a bool, got {aligned!r}")
+    check_scalar_args(spatial_scale, sampling_ratio, aligned)
     n, c = input.shape[:2]
     k = rois.shape[0]
     if k * c * ph * pw * input.element_size() > INT64_MAX:

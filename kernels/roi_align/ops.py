@@ -18,7 +18,13 @@ import torch
 from torch import Tensor
 
 from . import _lib
-from .checks import check_output_size, check_roi_align_args, check_roi_values, check_rois_layout
+from .checks import (
+    check_output_size,
+    check_roi_align_args,
+    check_roi_values,
+    check_rois_layout,
+    check_scalar_args,
+)
 from .reference import as_rois, boxes_to_rois, reference_forward
 
 Backend = Literal["auto", "cuda", "cpu", "reference"]
@@ -172,14 +178,19 @@ def pool_rois(
     # half-pixel convention) and adaptive sampling, FG-CLIP's settings. Host (CPU) rois are
     # value-checked on the host and copied to the features' device asynchronously, so no
     # device->host sync happens (pin them for a truly asynchronous copy).
+    if not isinstance(features, Tensor):
+        raise TypeError(f"pool_rois: features must be a Tensor, got {type(features).__name__}")
     fmap = _as_feature_map(features, grid_size)
     check_rois_layout(rois)
     ph, pw = check_output_size(output_size)
+    check_scalar_args(1.0, sampling_ratio, aligned)
     h, w = fmap.shape[-2:]
     dtype = torch.float64 if rois.dtype == torch.float64 else torch.float32
     scaled = rois.to(dtype) * torch.tensor([1, w, h, w, h], dtype=dtype, device=rois.device)
     if scaled.device != fmap.device and scaled.device.type == "cpu":
         check_roi_values(scaled, fmap.shape[0], (ph, pw), 1.0, sampling_ratio, aligned)
+        if fmap.device.type == "cuda":
+            scaled = scaled.pin_memory()  # so the copy below is truly asynchronous
         scaled = scaled.to(fmap.device, non_blocking=True)
     return roi_align(
         fmap,
