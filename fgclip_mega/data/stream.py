@@ -108,19 +108,32 @@ class StreamLoader:
             "fingerprint": self.shards.fingerprint,
             "block_size": self.spec.block_size,
             "window_blocks": self.spec.window_blocks,
+            # Every rank is at `position`: samples consumed by the whole DP group.
+            "global_samples": self.position * self.spec.dp_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Same dp_size: continues exactly. Another dp_size (a resume at a new layout): each
+        rank's order depends on dp_size, so the stream continues at the start of the next epoch
+        (`resume_position`); the rest of the interrupted epoch is not seen."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
         mine = self.state_dict()
         for name in _ORDER_FIELDS:
-            if state.get(name) != mine[name]:
+            if name != "dp_size" and state.get(name) != mine[name]:
                 raise ValueError(
                     f"loader state: {name}={state.get(name)!r} but this loader has "
                     f"{mine[name]!r}; the sample order would differ, so it cannot resume exactly"
                 )
-        self._restart(int(state["position"]))
+        self._restart(self.resume_position(state))
+
+    def resume_position(self, state: dict) -> int:
+        """This loader's stream position for a saved state (the same on every rank)."""
+        if state["dp_size"] == self.spec.dp_size:
+            return int(state["position"])
+        epoch = state["epoch"] + (state["offset_in_epoch"] > 0)
+        # Ranks' epochs start within one sample of each other: the latest start is common.
+        return epoch * self.order.base - (-(epoch * self.order.extra) // self.spec.dp_size)
 
     def _restart(self, position: int) -> None:
         """Continue from `position`; subclasses drop prefetched work."""
