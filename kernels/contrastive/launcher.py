@@ -9,7 +9,7 @@ columns as fit); per slab `_grad_tile_kernel` writes G = dLoss/dx once and cuBLA
 dX += G @ Y and dY += G.T @ X (fp32 accumulation: out_dtype=float32 for bf16 / fp16 slabs).
 Memory: O(SLAB_ELEMS + (R + C) * D) beside the inputs, never R x C for large shapes.
 
-Tiles are autotuned on a GPU (`triton.autotune`, key: the shape and the kernel's flags). Under
+Tiles are autotuned on a GPU (`triton.autotune`, key: feature width, dtype, kernel flags). Under
 the interpreter (TRITON_INTERPRET=1, the CPU test path) the configuration list has one entry of
 few large tiles, because the interpreter's cost grows with the number of program instances, and
 the autotuner (which never benchmarks a single config) gets a CPU timer in case a test adds more.
@@ -63,8 +63,9 @@ def _tuned(kernel_name: str, tiles: tuple):
     flags = ["SOFTMAX", "HAS_TARGET"] + (["HAS_ROW", "HAS_COL"] if kernel_name == "grad" else [])
     return triton.autotune(
         configs,
-        # Tuned per shape (fixed in training; slabs add one edge shape); dtypes are keyed too.
-        key=["R", "C", "D", *flags],
+        # Tuned at the first call per feature width, dtype and flags (in training: the training
+        # shape). Not keyed by R / C: every slab edge and benchmark shape would re-tune.
+        key=["D", *flags],
         # Every config writes all of G but only its own column blocks of PART.
         reset_to_zero=["PART"] if kernel_name == "grad" else None,
         do_bench=_cpu_bench if interpreting() else None,
