@@ -122,7 +122,11 @@ class FGCLIPModel(nn.Module):
             self.text.token_embedding.weight,
         ):
             p.no_weight_decay = True
-        self.to(device)
+        # Every weight in params_dtype (megatron's layers are built in it; norms, embeddings and
+        # the patch conv are cast here), except the fp32 temperatures.
+        self.to(device=device, dtype=params_dtype)
+        for p in self.temperatures().values():
+            p.data = p.data.float()
 
     @classmethod
     def from_runtime(cls, cfg: ModelConfig, parallel: ParallelConfig, runtime) -> FGCLIPModel:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from fgclip_mega import runtime as rt
 from fgclip_mega.config import Config, ParallelConfig
-from fgclip_mega.parallel import cpu_compat
+from fgclip_mega.parallel import cpu_compat, mcore_patches
 
 
 @dataclass
@@ -88,6 +88,7 @@ def init_parallel(
     cfg.data_parallel_size(world_size)  # validates that TP divides the world
     if not rt.cuda_available():
         cpu_compat.enable()
+    mcore_patches.install()
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(
             tensor_model_parallel_size=cfg.tensor_parallel_size,

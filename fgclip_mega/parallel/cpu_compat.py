@@ -64,6 +64,29 @@ def _cpu_manual_seed(seed: int) -> None:
     torch.default_generator.manual_seed(seed)
 
 
+def _cpu_autocast_function(fn_class) -> dict:
+    """megatron's linear autograd Functions are decorated with torch.amp.custom_fwd/custom_bwd
+    for device 'cuda': on a GPU the backward re-enters the forward's autocast, on CPU it ran
+    outside CPU autocast (a bf16 grad times an fp32 weight fails). Record the CPU autocast state
+    in forward and re-enter it in backward, as custom_bwd does on CUDA."""
+    forward, backward = fn_class.__dict__["forward"], fn_class.__dict__["backward"]
+
+    def cpu_forward(ctx, *args, **kwargs):
+        ctx._fgclip_cpu_autocast = (
+            torch.is_autocast_enabled("cpu"),
+            torch.get_autocast_dtype("cpu"),
+        )
+        return forward.__func__(ctx, *args, **kwargs)
+
+    def cpu_backward(ctx, *grads):
+        enabled, dtype = ctx._fgclip_cpu_autocast
+        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            return backward.__func__(ctx, *grads)
+
+    fn_class.forward, fn_class.backward = staticmethod(cpu_forward), staticmethod(cpu_backward)
+    return {(fn_class, "forward"): forward, (fn_class, "backward"): backward}
+
+
 def is_enabled() -> bool:
     return bool(_state)
 
@@ -88,6 +111,13 @@ def enable() -> None:
     originals = {key: getattr(*key) for key in patches}
     for (module, name), replacement in patches.items():
         setattr(module, name, replacement)
+    from megatron.core.tensor_parallel import layers as mp_layers
+
+    for fn_class in (
+        mp_layers.LinearWithGradAccumulationAndAsyncCommunication,
+        mp_layers.LinearWithFrozenWeight,
+    ):
+        originals.update(_cpu_autocast_function(fn_class))
     # The tracker's fork() swaps the CPU generator state in and out on every dropout; on CPU
     # that is exactly the intended behaviour, so its "CPU RNG state changed" warning is noise.
     logging.getLogger("megatron.core.tensor_parallel.random").setLevel(logging.ERROR)

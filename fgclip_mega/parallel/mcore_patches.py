@@ -1,0 +1,47 @@
+"""megatron-core's multi-tensor fallbacks, made free of host syncs.
+
+Without apex or Transformer Engine (the case here and on clusters that cannot build apex),
+megatron-core 0.16.1 clips gradients with `local_multi_tensor_l2_norm`, which builds
+`torch.tensor([...])` from one 0-dim norm per parameter (a host read each: 67 device syncs per
+step for the tiny model, hundreds for ViT-B/16) on the default device, then reads the result
+back once more; `local_multi_tensor_scale` scales through a temporary per tensor. The versions
+here use torch's foreach kernels and leave the result on the device; megatron still reads the
+total norm once (its API returns a float). Installed only where megatron uses its fallbacks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def foreach_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """Drop-in for amp_C.multi_tensor_l2norm: ((1,) fp32 total norm on the device, None)."""
+    tensors = tensor_lists[0]
+    norms = torch._foreach_norm(tensors)  # one 0-dim norm per tensor, on its device
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), None
+
+
+def foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """Drop-in for amp_C.multi_tensor_scale: dst = src * scale for each pair."""
+    src, dst = tensor_lists
+    if all(s is d for s, d in zip(src, dst, strict=True)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
+def install() -> bool:
+    """Replaces megatron's local fallbacks (idempotent); False when apex/TE kernels are in use."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    installed = False
+    if clip_grads.l2_norm_impl in (utils.local_multi_tensor_l2_norm, foreach_l2_norm):
+        clip_grads.l2_norm_impl = foreach_l2_norm
+        installed = True
+    for module in (clip_grads, optimizer):
+        if module.multi_tensor_scale_impl in (utils.local_multi_tensor_scale, foreach_scale):
+            module.multi_tensor_scale_impl = foreach_scale
+            installed = True
+    return installed
