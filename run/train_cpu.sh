@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The main job on a CPU machine: set up .venv, then train the tiny FG-CLIP preset (both loss
-# stages: global + regional/hard-negative) on the embedded synthetic fine-grained dataset, with
-# tensor parallelism 1 in a single process. Logs rate/ETA, writes metrics.jsonl, loss.png and a
-# checkpoint under runs/tiny_cpu/. Extra arguments are config overrides, e.g. train.steps=200.
+# The main job on a CPU machine: set up .venv, then with 2 data-parallel processes (torchrun,
+# gloo) train the tiny FG-CLIP preset in two stages (global, then regional from the stage-1
+# checkpoint) and, at the same total budget, a global-only run; evaluate both on held-out
+# synthetic scenes and write runs/main_job/report.md, summary.json and PNGs (run/main_job.py).
+# Options: --name NAME, --data-seed N; extra key=value arguments are overrides for both runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash run/setup.sh
-exec .venv/bin/python -m fgclip_mega.train --preset tiny train.output_dir=runs/tiny_cpu "$@"
+exec .venv/bin/python run/main_job.py "$@"

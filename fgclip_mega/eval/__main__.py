@@ -24,7 +24,12 @@ from fgclip_mega.config import PRESETS, Config, ConfigError, apply_cli, apply_di
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m fgclip_mega.eval", description=__doc__)
-    p.add_argument("--checkpoint", required=True, help="training run/checkpoint dir or HF weights")
+    p.add_argument(
+        "--checkpoint",
+        action="append",
+        required=True,
+        help="training run/checkpoint dir or HF weights; repeat to compare models on one set",
+    )
     p.add_argument(
         "--preset",
         default="fgclip_vit_b16",
@@ -41,16 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-samples", type=int, default=512)
     p.add_argument("--synthetic-dir", default="runs/eval_data")
     p.add_argument("--micro-batch", type=int, default=32)
-    p.add_argument("--out", default="", help="output dir (default: <checkpoint>/eval)")
-    p.add_argument("--name", default="model", help="column name in eval.md")
+    p.add_argument("--num-negatives", type=int, default=10, help="hard negatives per box")
+    p.add_argument("--max-boxes", type=int, default=8, help="boxes per image evaluated")
+    p.add_argument("--out", default="", help="output dir (default: <first checkpoint>/eval)")
+    p.add_argument(
+        "--name", action="append", default=None, help="column name per --checkpoint in eval.md"
+    )
     p.add_argument("overrides", nargs="*", help="config key=value pairs (e.g. parallel.*)")
     return p
 
 
-def build_config(args) -> tuple[Config, Path | None]:
+def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path | None]:
     from fgclip_mega.eval.weights import saved_config, training_checkpoint
 
-    step_dir = training_checkpoint(args.checkpoint)
+    step_dir = training_checkpoint(checkpoint)
     if step_dir is not None:
         cfg = Config()
         saved = saved_config(step_dir)
@@ -60,14 +69,14 @@ def build_config(args) -> tuple[Config, Path | None]:
         cfg.checkpoint.load = ""
         cfg.checkpoint.init_from = ""
     else:
-        if not Path(args.checkpoint).exists():
-            raise ConfigError(f"--checkpoint {args.checkpoint}: no such file or directory")
+        if not Path(checkpoint).exists():
+            raise ConfigError(f"--checkpoint {checkpoint}: no such file or directory")
         cfg = preset(args.preset)
     # The eval run's layout is its own: TP from the overrides (default 1), DP = world / TP.
     cfg.parallel.tensor_parallel_size = 1
     cfg.parallel.sequence_parallel = False
     apply_cli(cfg, args.overrides)
-    seed = args.synthetic_seed if args.synthetic_seed is not None else cfg.data.seed + 1000
+    seed = seed if seed is not None else cfg.data.seed + 1000
     cfg.data = dataclasses.replace(
         cfg.data,
         shards=args.data,
@@ -76,6 +85,9 @@ def build_config(args) -> tuple[Config, Path | None]:
         synthetic_dir=f"{args.synthetic_dir}/seed{seed}_n{args.synthetic_samples}",
         seed=seed,
         region_text="short",  # each box's phrase is its attribute phrase
+        # The evaluated set is the same whatever the training run used.
+        num_hard_negatives=args.num_negatives,
+        max_boxes=args.max_boxes,
         py_num_workers=0,
     )
     return cfg.validate(), step_dir
@@ -83,6 +95,12 @@ def build_config(args) -> tuple[Config, Path | None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    names = args.name or [f"model{i}" for i in range(len(args.checkpoint))]
+    if len(names) != len(args.checkpoint):
+        print(
+            f"error: {len(names)} --name for {len(args.checkpoint)} --checkpoint", file=sys.stderr
+        )
+        return 2
     rank = int(os.environ.get("RANK", 0))
     logging.basicConfig(
         level=logging.INFO if rank == 0 else logging.WARNING,
@@ -90,81 +108,88 @@ def main(argv: list[str] | None = None) -> int:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("megatron").setLevel(logging.WARNING)
-    log = logging.getLogger("fgclip_mega.eval")
-    try:
-        cfg, step_dir = build_config(args)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     from fgclip_mega.checkpoint import CheckpointError
 
     try:
-        result = evaluate_checkpoint(cfg, step_dir, args, log)
-    except (CheckpointError, FileNotFoundError, ConfigError) as e:
+        # One held-out set for every model: the first checkpoint's seed unless given.
+        first, _ = build_config(args, args.checkpoint[0], args.synthetic_seed)
+        models = [build_config(args, c, first.data.seed) for c in args.checkpoint]
+        results = evaluate_checkpoints(models, names, args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
         from fgclip_mega.eval.suite import summary_of
 
-        print(json.dumps(summary_of(result)))
+        print(json.dumps({n: summary_of(r) for n, r in results.items()}))
     return 0
 
 
-def evaluate_checkpoint(cfg: Config, step_dir: Path | None, args, log) -> dict:
+def _load(cfg: Config, step_dir: Path | None, checkpoint: str, state, log):
     from fgclip_mega.checkpoint import import_hf_state_dict
+    from fgclip_mega.eval.weights import load_training_weights
+    from fgclip_mega.models import FGCLIPModel
+
+    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, state.runtime)
+    if step_dir is not None:
+        info = load_training_weights(model, step_dir)
+        log.info("%s: step %d, saved %s", step_dir, info["step"], info["saved_layout"])
+    else:
+        import_hf_state_dict(model, checkpoint)
+    return model.eval()
+
+
+def evaluate_checkpoints(models: list[tuple[Config, Path | None]], names: list[str], args):
     from fgclip_mega.data import build_loader
     from fgclip_mega.eval.collect import collect
     from fgclip_mega.eval.report import markdown_table
     from fgclip_mega.eval.suite import run_suite
-    from fgclip_mega.eval.weights import load_training_weights
-    from fgclip_mega.models import FGCLIPModel
     from fgclip_mega.parallel import destroy_parallel, init_parallel
 
-    t0 = time.perf_counter()
-    state = init_parallel(cfg, seed=cfg.train.seed)
+    log = logging.getLogger("fgclip_mega.eval")
+    state = init_parallel(models[0][0], seed=models[0][0].train.seed)
+    results = {}
     try:
-        cfg.validate(world_size=state.world_size)
-        model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, state.runtime)
-        if step_dir is not None:
-            info = load_training_weights(model, step_dir)
-            log.info(
-                "weights of %s (step %d, saved %s)", step_dir, info["step"], info["saved_layout"]
+        for (cfg, step_dir), checkpoint, name in zip(models, args.checkpoint, names, strict=True):
+            t0 = time.perf_counter()
+            cfg.validate(world_size=state.world_size)
+            model = _load(cfg, step_dir, checkpoint, state, log)
+            loader = build_loader(
+                cfg.data,
+                cfg.model.vision.image_size,
+                cfg.model.text.short_context,
+                cfg.model.text.long_context,
+                dp_rank=state.dp_rank,
+                dp_size=state.dp_size,
+                device=state.runtime.device,
             )
-        else:
-            import_hf_state_dict(model, args.checkpoint)
-        model.eval()
-        loader = build_loader(
-            cfg.data,
-            cfg.model.vision.image_size,
-            cfg.model.text.short_context,
-            cfg.model.text.long_context,
-            dp_rank=state.dp_rank,
-            dp_size=state.dp_size,
-            device=state.runtime.device,
-        )
-        try:
-            n = loader.shards.num_samples
-            # ceil: every sample at least once; repeats are dropped by sample id.
-            batches = math.ceil(n / (cfg.data.micro_batch_size * state.dp_size))
-            log.info("evaluating %d samples: %d batches x %d ranks", n, batches, state.dp_size)
-            es = collect(model, loader, batches, state.dp_group, state.runtime)
-        finally:
-            loader.close()
-        result = run_suite(model, es, state.runtime)
-        result["wall_s"] = time.perf_counter() - t0
-        result["checkpoint"] = str(step_dir or args.checkpoint)
-        result["eval_data"] = cfg.data.shards or cfg.data.synthetic_dir
-        result["layout"] = {"tp": state.tp_size, "dp": state.dp_size}
+            try:
+                n = loader.shards.num_samples
+                # ceil: every sample at least once; repeats are dropped by sample id.
+                batches = math.ceil(n / (cfg.data.micro_batch_size * state.dp_size))
+                log.info("%s: %d held-out samples, %d batches x %d ranks", name, n, batches,
+                         state.dp_size)  # fmt: skip
+                es = collect(model, loader, batches, state.dp_group, state.runtime)
+            finally:
+                loader.close()
+            result = run_suite(model, es, state.runtime)
+            result.update(
+                wall_s=time.perf_counter() - t0,
+                checkpoint=str(step_dir or checkpoint),
+                eval_data=cfg.data.shards or cfg.data.synthetic_dir,
+                layout={"tp": state.tp_size, "dp": state.dp_size},
+            )
+            results[name] = result
+            log.info("%s evaluated in %.1f s", name, result["wall_s"])
         if state.rank == 0:
-            base = step_dir.parent.parent if step_dir is not None else Path(args.checkpoint).parent
+            step_dir, checkpoint = models[0][1], args.checkpoint[0]
+            base = step_dir.parent.parent if step_dir is not None else Path(checkpoint).parent
             out = Path(args.out) if args.out else base / "eval"
             out.mkdir(parents=True, exist_ok=True)
-            (out / "eval.json").write_text(json.dumps(result, indent=1))
-            (out / "eval.md").write_text(markdown_table({args.name: result}))
-            log.info(
-                "wrote %s and %s in %.1f s", out / "eval.json", out / "eval.md", result["wall_s"]
-            )
-        return result
+            (out / "eval.json").write_text(json.dumps(results, indent=1))
+            (out / "eval.md").write_text(markdown_table(results))
+            log.info("wrote %s and %s", out / "eval.json", out / "eval.md")
+        return results
     finally:
         destroy_parallel()
 

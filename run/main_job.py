@@ -1,0 +1,168 @@
+"""The main job: does FG-CLIP's regional stage buy fine-grained understanding? On CPU, in minutes.
+
+    python run/main_job.py [--name NAME] [--data-seed N] [key=value ...]   # extra: both runs
+
+Runs what a cluster user runs, with 2 data-parallel processes (torchrun, gloo on CPU):
+  1. stage 1 (global: image <-> long/short captions) for S1 steps;
+  2. stage 2 (regional: + region <-> phrase and hard negatives) for S2 steps, seeded from the
+     stage-1 checkpoint with checkpoint.load (model, Adam moments, schedule position, loader);
+  3. a global-only run with the same total budget: S1 + S2 steps, same batch, same data;
+  4. the evaluation suite on a held-out synthetic split (another data seed) for both models.
+Writes runs/<name>/report.md (side-by-side table, targets, timings), summary.json and PNGs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = ROOT / ".venv" / "bin" / "python"
+TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
+
+# The recipe: one place, shared by both runs (only the stage and checkpoint.load differ).
+STAGE1_STEPS = 60
+STAGE2_STEPS = 180
+RECIPE = [
+    "data.micro_batch_size=16",  # x 2 ranks = 32 per step
+    "data.synthetic_num_samples=1024",
+    "optim.lr=2e-3",
+    "optim.warmup_steps=10",
+    "loss.region_weight=1.0",
+    "loss.hard_weight=2.0",
+    "train.log_interval=10",
+    "train.eval_batches=0",  # the suite below evaluates, on its own held-out split
+    "checkpoint.async_save=false",
+]
+HELD_OUT_SAMPLES = 512
+TARGETS = {"hard_neg_gain": 0.35, "pairwise_min": 0.85, "i2t_long_drop_max": 0.05}
+# Only the trainer's/evaluator's own log lines reach the console (not library warnings).
+_SHOW = re.compile(r"\[rank 0\] fgclip_mega|^error|Error|Traceback")
+
+
+class Progress:
+    """Phase lines with elapsed time and a job ETA from the measured seconds per step of each
+    stage kind (a regional step is assumed 4x a global one until one is measured)."""
+
+    def __init__(self, plan: list[tuple[str, str, int]]):
+        self.plan, self.t0 = plan, time.time()
+        self.s_per_step: dict[str, float] = {}
+
+    def _guess(self, kind: str) -> float | None:
+        if kind in self.s_per_step:
+            return self.s_per_step[kind]
+        if "global" in self.s_per_step:
+            return self.s_per_step["global"] * (4.0 if kind == "regional" else 1.0)
+        return None
+
+    def start(self, i: int) -> None:
+        name, _, steps = self.plan[i]
+        guesses = [(self._guess(k), n) for _, k, n in self.plan[i:] if n]
+        eta = ""
+        if all(g is not None for g, _ in guesses):
+            eta = f", training left ~{sum(g * n for g, n in guesses) / 60:.1f} min"
+        print(
+            f"\n=== [{i + 1}/{len(self.plan)}] {name} ({steps} steps) | "
+            f"elapsed {time.time() - self.t0:.0f} s{eta}",
+            flush=True,
+        )
+
+    def finished(self, i: int, wall_s: float) -> None:
+        _, kind, steps = self.plan[i]
+        if steps:  # launch time included: what the next phase of this kind will cost
+            self.s_per_step[kind] = wall_s / steps
+
+
+def run(cmd: list[str], log_path: Path) -> float:
+    """Runs a command, streaming its own log lines; the full output goes to log_path."""
+    t0 = time.time()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONWARNINGS": "ignore"}
+    with open(log_path, "w") as log, subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:  # fmt: skip
+        for line in proc.stdout:
+            log.write(line)
+            if _SHOW.search(line):
+                print("   " + line.rstrip(), flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-40:])
+        raise SystemExit(f"command failed ({rc}): {' '.join(cmd)}\n--- {log_path} ---\n{tail}")
+    return time.time() - t0
+
+
+def train_cmd(out: Path, stage: str, steps: int, extra: list[str]) -> list[str]:
+    return [
+        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "fgclip_mega.train",
+        "--preset", "tiny", f"train.stage={stage}", f"train.steps={steps}",
+        f"train.output_dir={out}", *RECIPE, *extra,
+    ]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--name", default="main_job")
+    p.add_argument("--data-seed", type=int, default=1234, help="seed of the training scenes")
+    p.add_argument("--stage1-steps", type=int, default=STAGE1_STEPS)
+    p.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS)
+    p.add_argument("overrides", nargs="*", help="config key=value pairs for every training run")
+    args = p.parse_args(argv)
+    s1, s2 = args.stage1_steps, args.stage2_steps
+    out = ROOT / "runs" / args.name
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("stage1", "stage2", "global_only", "eval"):  # a rerun starts from scratch
+        subprocess.run(["rm", "-rf", str(out / sub)], check=True)
+    seed = args.data_seed
+    extra = [
+        f"data.seed={seed}",
+        f"data.synthetic_dir=runs/synthetic_data/seed{seed}",
+        *args.overrides,
+    ]
+    held_out_seed = seed + 1000  # another generator seed: scenes never seen in training
+    plan = [
+        ("stage 1: global", "global", s1),
+        ("stage 2: regional, from the stage-1 checkpoint", "regional", s2),
+        ("global-only, same total budget", "global", s1 + s2),
+        ("evaluation suite, both models", "eval", 0),
+    ]
+    progress = Progress(plan)
+    t_job = time.time()
+    stage2 = train_cmd(out / "stage2", "regional", s1 + s2, extra)
+    stage2.append(f"checkpoint.load={out / 'stage1' / 'checkpoints'}")
+    eval_cmd = [
+        str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "fgclip_mega.eval",
+        "--checkpoint", str(out / "stage2"), "--name", "two_stage",
+        "--checkpoint", str(out / "global_only"), "--name", "global_only",
+        "--synthetic-seed", str(held_out_seed), "--synthetic-samples", str(HELD_OUT_SAMPLES),
+        "--synthetic-dir", "runs/eval_data", "--out", str(out / "eval"),
+    ]  # fmt: skip
+    commands = [
+        ("stage1", train_cmd(out / "stage1", "global", s1, extra)),
+        ("stage2", stage2),
+        ("global_only", train_cmd(out / "global_only", "global", s1 + s2, extra)),
+        ("eval", eval_cmd),
+    ]
+    walls = {}
+    for i, (key, cmd) in enumerate(commands):
+        progress.start(i)
+        walls[key] = run(cmd, out / f"{key}.log")
+        progress.finished(i, walls[key])
+    walls["job"] = time.time() - t_job
+
+    from run.main_job_report import write_report
+
+    summary = write_report(out, walls, s1, s2, seed, held_out_seed, TARGETS, RECIPE + extra)
+    print(f"\n{out / 'report.md'}\n{out / 'summary.json'}")
+    print(json.dumps({k: summary[k] for k in ("targets", "wall_s")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    sys.exit(main())
