@@ -22,7 +22,7 @@ from fgclip_mega.parallel.wrap import apply_optimizer_hyperparams, sync_params
 from fgclip_mega.profiling import maybe_torch_profiler
 from fgclip_mega.train.build import TrainingRun, build_training_run
 from fgclip_mega.train.evaluate import evaluate_during_training
-from fgclip_mega.train.metrics import MetricsLogger
+from fgclip_mega.train.metrics import MetricsLogger, Throughput
 from fgclip_mega.train.preemption import Preemption
 from fgclip_mega.train.step import StepOutput, train_step
 
@@ -109,12 +109,17 @@ def run_training(run: TrainingRun) -> TrainResult:
     evals: list[dict[str, float]] = []
     last_ckpt, preempted = "", False
 
+    throughput = Throughput(run)
+    stalls: dict[str, float] = {}
+
     def save(at_step: int) -> str:
         # Waits only for the copy to CPU memory; the files are written in the background.
         saver = ckpt.checkpointer(run.output_dir / "checkpoints", state, cfg.checkpoint)
         path = saver.save(
             at_step, run.model, run.optimizer, run.scheduler, run.loader, cfg.to_dict(), run.ddp
         )
+        if saver.stalls:  # logged with the next record
+            stalls["checkpoint_stall_s"] = saver.stalls[-1]
         return str(path)
 
     def every(interval: int) -> bool:
@@ -136,7 +141,11 @@ def run_training(run: TrainingRun) -> TrainResult:
             if every(cfg.train.log_interval) or step in (first_step + 1, cfg.train.steps):
                 values = _read_values(run, out)
                 losses.append({"step": step, **values})
-                metrics.log(step, values, first_step)
+                values.update(stalls)
+                stalls.clear()
+                phases = {f"ms_{k}": v for k, v in run.timer.summary_ms().items()}
+                run.timer.reset()
+                metrics.log(step, values, first_step, throughput.of(batch), phases)
             if every(cfg.checkpoint.save_interval):
                 last_ckpt = save(step)
             if cfg.train.eval_batches and every(cfg.train.eval_interval) and step < cfg.train.steps:
@@ -159,7 +168,6 @@ def run_training(run: TrainingRun) -> TrainResult:
         evals.append(metrics.last_eval())
     if rank0:
         plot = metrics.plot()
-        log.info("phase ms/step: %s", {k: round(v, 1) for k, v in run.timer.summary_ms().items()})
         if plot:
             log.info("loss curves: %s", plot)
     return TrainResult(step - first_step, step, losses, last_ckpt, evals, final, preempted)

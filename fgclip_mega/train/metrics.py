@@ -1,4 +1,5 @@
-"""Training log lines with rate and ETA, a JSONL metrics file, and a PNG of the loss curves."""
+"""Training log lines with rate, TFLOP/s, MFU and ETA, a JSONL metrics file, and a PNG of the loss
+curves."""
 
 from __future__ import annotations
 
@@ -8,6 +9,38 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("fgclip_mega.train")
+
+
+class Throughput:
+    """Model FLOPs per sample of the logged step's actual shapes (trimmed texts, valid boxes),
+    and the peak FLOP/s of one device (the GPU's table value, or a measured CPU matmul rate)."""
+
+    def __init__(self, run):
+        from fgclip_mega.profiling import device_peak_flops
+
+        self.cfg, self.dp_size = run.cfg, run.state.dp_size
+        self.world_size = run.state.world_size
+        self.peak = device_peak_flops(run.runtime.device, run.runtime.compute_dtype)
+
+    def of(self, batch) -> dict[str, float]:
+        from fgclip_mega.profiling import training_flops
+
+        regional = self.cfg.train.stage == "regional"
+        report = training_flops(
+            self.cfg,
+            batch_size=len(batch),
+            dp_size=self.dp_size,
+            long_len=batch.long_tokens.shape[1],
+            short_len=batch.short_tokens.shape[1],
+            boxes=batch.region_rois.shape[0] if regional else None,
+            hard_boxes=batch.hard_rows.shape[0] if regional else None,
+        )
+        return {
+            "model_flops_per_sample": report.model_per_sample,
+            "hardware_flops_per_sample": report.hardware_per_sample,
+            "world_size": self.world_size,
+            "peak_flops": self.peak,
+        }
 
 
 class MetricsLogger:
@@ -55,7 +88,16 @@ class MetricsLogger:
     def add_samples(self, n: int) -> None:
         self._samples += n
 
-    def log(self, step: int, values: dict[str, float], first_step: int = 0) -> None:
+    def log(
+        self,
+        step: int,
+        values: dict[str, float],
+        first_step: int = 0,
+        flops: dict[str, float] | None = None,
+        phases: dict[str, float] | None = None,
+    ) -> None:
+        """`flops` from Throughput.of (adds TFLOP/s per device, MFU and HFU); `phases`: mean ms
+        per step of each phase since the last log line."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -64,17 +106,28 @@ class MetricsLogger:
         per_step = (now - self._t0) / max(done, 1)
         eta = per_step * (self.total_steps - step)
         record = {"step": step, **values, "samples_per_s": rate, "elapsed_s": now - self._t0}
+        if flops:
+            # Global samples/s x FLOPs per sample, spread over every device of the job.
+            per_device = rate * flops["model_flops_per_sample"] / flops["world_size"]
+            record["tflops_per_device"] = per_device / 1e12
+            record["mfu"] = per_device / flops["peak_flops"]
+            hardware = rate * flops["hardware_flops_per_sample"] / flops["world_size"]
+            record["hfu"] = hardware / flops["peak_flops"]
+        record.update(phases or {})
         self.records.append(record)
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         parts = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "lr")
+        speed = f"{rate:.1f} samples/s"
+        if flops:
+            speed += f", {record['tflops_per_device']:.3g} TFLOP/s/device, MFU {record['mfu']:.1%}"
         log.info(
-            "step %d/%d %s lr=%.2e | %.1f samples/s | %.2f s/step | ETA %s",
+            "step %d/%d %s lr=%.2e | %s | %.2f s/step | ETA %s",
             step,
             self.total_steps,
             parts,
             values.get("lr", 0.0),
-            rate,
+            speed,
             per_step,
             time.strftime("%H:%M:%S", time.gmtime(max(eta, 0))),
         )
