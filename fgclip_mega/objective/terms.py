@@ -136,7 +136,7 @@ class Objective:
         if cfg.kind == "sigmoid":
             raw = temperatures["logit_bias"]
             bias = (raw if learn else raw.detach()).float().reshape(())
-            parts["bias"] = bias.detach()
+            parts["bias"] = bias.detach().clone()  # the param changes in place at the step
         for name, group in by_scale.items():
             # One gather of the image features (and the texts) for all terms on this scale.
             losses = global_contrastive_losses(
