@@ -125,12 +125,11 @@ class DaliLoader(StreamLoader):
         long_context: int = 248,
         dp_rank: int = 0,
         dp_size: int = 1,
-        device: torch.device | str | None = None,
+        device: torch.device | str = "cpu",
         shards: ShardSet | None = None,
     ):
         super().__init__(cfg, image_size, short_context, long_context, dp_rank, dp_size, shards)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        # The trainer passes its runtime's device (the one place that probes the accelerator).
         self.device = torch.device(device)
         self.decode_device = resolve_decode_device(cfg.decode_device, self.device)
         self.antialias = cfg.resize_antialias == "on"
@@ -211,7 +210,7 @@ def build_loader(
     long_context: int = 248,
     dp_rank: int = 0,
     dp_size: int = 1,
-    device: torch.device | str | None = None,
+    device: torch.device | str = "cpu",
     kind: str = "dali",
 ) -> StreamLoader:
     """The trainer's entry point: a DALI (or PIL reference) loader over `cfg.shards`.

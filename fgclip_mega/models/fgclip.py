@@ -17,11 +17,10 @@ from torch import nn
 
 from fgclip_mega.config import ModelConfig, ParallelConfig
 from fgclip_mega.models.attention import resolve_backend
-from fgclip_mega.models.layers import CheckpointPolicy, normal_init
+from fgclip_mega.models.layers import CheckpointPolicy, megatron_config, normal_init
 from fgclip_mega.models.regions import pool_regions
 from fgclip_mega.models.text import TextTower
 from fgclip_mega.models.vision import VisionTower
-from fgclip_mega.parallel.wrap import megatron_config
 
 log = logging.getLogger(__name__)
 

@@ -20,10 +20,32 @@ from megatron.core.tensor_parallel import (
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.transformer import TransformerConfig
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fgclip_mega.models.attention import attention
+
+
+def megatron_config(
+    tensor_parallel_size: int, sequence_parallel: bool, params_dtype: torch.dtype
+) -> TransformerConfig:
+    """The one megatron-core config object: the model's TP layers and DDP read it (sizes are
+    ours, not megatron's). CPU initialisation builds each full weight from the global RNG and
+    slices it, so weights are identical for every TP size given the seed."""
+    tp = tensor_parallel_size
+    return TransformerConfig(
+        # Placeholders: megatron validates them, our towers carry their own sizes.
+        num_layers=1,
+        hidden_size=64 * tp,
+        num_attention_heads=tp,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel and tp > 1,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+    )
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,9 @@ def device_peak_flops(
     """Peak FLOP/s of one device: the GPU table for CUDA devices (default: the current one when
     CUDA is available), the measured fp32 matmul rate on CPU (whatever `dtype`)."""
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        from fgclip_mega.runtime import default_device
+
+        device = default_device()
     device = torch.device(device)
     if device.type == "cuda":
         return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
