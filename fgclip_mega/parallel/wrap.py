@@ -17,35 +17,14 @@ from megatron.core.optimizer import OptimizerConfig as McoreOptimizerConfig
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, ParamGroupOverride
-from megatron.core.transformer import TransformerConfig
 
 from fgclip_mega.config import Config, OptimizerConfig, ParallelConfig
+from fgclip_mega.models.layers import megatron_config
 
 if TYPE_CHECKING:
     from fgclip_mega.models import FGCLIPModel
 
 _log = logging.getLogger(__name__)
-
-
-def megatron_config(
-    tensor_parallel_size: int, sequence_parallel: bool, params_dtype: torch.dtype
-) -> TransformerConfig:
-    """The one megatron-core config object: the model's TP layers and DDP read it (sizes are
-    ours, not megatron's). CPU initialisation builds each full weight from the global RNG and
-    slices it, so weights are identical for every TP size given the seed."""
-    tp = tensor_parallel_size
-    return TransformerConfig(
-        # Placeholders: megatron validates them, our towers carry their own sizes.
-        num_layers=1,
-        hidden_size=64 * tp,
-        num_attention_heads=tp,
-        tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel and tp > 1,
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        use_cpu_initialization=True,
-        perform_initialization=True,
-    )
 
 
 def build_parallel_model(cfg: Config, runtime) -> tuple[FGCLIPModel, DistributedDataParallel]:
