@@ -198,3 +198,25 @@ def test_siglip_logit_bias_round_trips_and_mismatches_are_named(world):
         import_hf_state_dict(build_model(cfg, ParallelConfig()), sd_bias)
     with pytest.raises(CheckpointError, match="logit_bias"):
         export_hf_state_dict(model, layout="clip")  # CLIPModel cannot hold the bias
+
+
+def test_cli_with_unreadable_init_weights_fails_in_one_line(tmp_path):
+    # Issue 9: `checkpoint.init_from=BAD` printed an 8-frame traceback.
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"not safetensors")
+    cmd = [sys.executable, "-m", "fgclip_mega.train", "--preset", "tiny",
+           f"checkpoint.init_from={bad}", f"train.output_dir={tmp_path / 'run'}",
+           f"data.synthetic_dir={tmp_path / 'data'}", "model.vision.layers=1",
+           "model.text.layers=1"]  # fmt: skip
+    # A fresh world of one: not the torchrun variables this test process set for its own world.
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0] and "cannot read weights" in errors[0]

@@ -91,17 +91,28 @@ def load_state_dict(source: str | Path | dict | nn.Module) -> dict[str, torch.Te
             if (path / name).exists():
                 return load_state_dict(path / name)
         raise FileNotFoundError(f"{path}: no model.safetensors(.index.json) or pytorch_model.bin")
-    if path.name.endswith(".index.json"):
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        out: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            out.update(load_state_dict(path.parent / shard))
-        return out
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such weights file")
+    try:
+        if path.name.endswith(".index.json"):
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+            out: dict[str, torch.Tensor] = {}
+            for shard in shards:
+                out.update(load_state_dict(path.parent / shard))
+            return out
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any unreadable file: name it, say why
+        raise CheckpointError(f"{path}: cannot read weights ({type(e).__name__}: {e})") from e
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise CheckpointError(f"{path}: not a state dict of tensors")
+    return state
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | Path) -> None:
