@@ -164,4 +164,21 @@ def grad_errors(model, hf) -> dict[str, float]:
     return errs
 
 
-# ----------------------------------------------------------------------------- fixtures
+# ----------------------------------------------------------------------------- RoIAlign
+
+
+def make_rois(gen, n_img, h, w, k, scale=1.0, empty_images=(), dtype=torch.float32):
+    # Boxes in feature-map pixels: mostly inside, some straddling or wholly outside the map, some
+    # zero-area; then expressed in input units (divided by spatial_scale).
+    cx = torch.rand(k, generator=gen) * (w + 8) - 4
+    cy = torch.rand(k, generator=gen) * (h + 8) - 4
+    bw = torch.rand(k, generator=gen) * w * 0.8
+    bh = torch.rand(k, generator=gen) * h * 0.8
+    bw[::7] = 0.0  # zero-area (a point)
+    bh[3::9] = 0.0  # zero height only
+    far = torch.arange(k) % 11 == 5  # wholly outside
+    cx = torch.where(far, torch.full_like(cx, w + 6.0), cx)
+    boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], dim=1) / scale
+    images = [i for i in range(n_img) if i not in empty_images]
+    bidx = torch.tensor(images)[torch.randint(len(images), (k,), generator=gen)]
+    return torch.cat([bidx[:, None].float(), boxes], dim=1).to(dtype)  # (K, 5)

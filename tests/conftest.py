@@ -46,3 +46,24 @@ def world():
     yield init_parallel(ParallelConfig(), seed=0)
     if started_here:
         destroy_parallel()
+
+
+@pytest.fixture(scope="session")
+def built_library():
+    """The compiled RoIAlign library, built with run/build_ext.sh (quick when up to date)."""
+    import subprocess
+    from pathlib import Path
+
+    from kernels.roi_align import _lib, load_library
+
+    root = Path(__file__).resolve().parents[1]
+    if not os.environ.get(_lib.ENV_DIR):  # an explicit library dir is used as is
+        proc = subprocess.run(
+            ["bash", str(root / "run" / "build_ext.sh")], capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            pytest.fail(f"run/build_ext.sh failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    _lib.reset_for_tests()
+    status = load_library()
+    assert status.cpu, f"compiled RoIAlign CPU op did not load: {status.errors}"
+    return status

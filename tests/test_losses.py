@@ -151,7 +151,8 @@ def _flat(t, box_valid=BOX_VALID, hard_valid=HARD_VALID, neg_valid=NEG_VALID) ->
 def _our_loss(t, scales, cfg, box_valid=BOX_VALID, hard_valid=HARD_VALID, neg_valid=NEG_VALID,
               bias=None):  # fmt: skip
     emb = _flat(t, box_valid, hard_valid, neg_valid)
-    objective = Objective(cfg, regional=True, impl=resolve_implementation(cfg.implementation, "cpu"))
+    impl = resolve_implementation(cfg.implementation, "cpu")
+    objective = Objective(cfg, regional=True, impl=impl)
     return objective(emb, _temps(scales, bias))
 
 
