@@ -290,6 +290,10 @@ def test_build_logs_the_attention_backend(world, caplog):
 def test_flash_attention_model_matches_sdpa_on_cuda(world):
     from fgclip_mega.checkpoint import import_hf_state_dict
     from fgclip_mega.models import FGCLIPModel
+    from fgclip_mega.models.attention import flash_attn_installed
+
+    if not flash_attn_installed():  # a visible skip: flash-attn is optional (PyPI has no wheels)
+        pytest.skip("flash_attn is not installed (or broken) on this GPU machine")
 
     cfg = small_config()
     hf = perturbed_clip(cfg)

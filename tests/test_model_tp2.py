@@ -96,6 +96,14 @@ def _tp_checks(tp: int, full: bool) -> dict:
         res["divisible_error"] = "no error"
     except ValueError as e:
         res["divisible_error"] = str(e)
+    # Issue 9: an id >= vocab_size was embedded as zeros at TP >= 2 (each rank masks ids
+    # outside its rows); now a clear error on every rank.
+    for bad_id in (cfg.text.vocab_size, -1):
+        try:
+            model.encode_text(torch.tensor([[1, bad_id, cfg.text.eos_token_id]]))
+            res[f"token_error_{bad_id}"] = "no error"
+        except ValueError as e:
+            res[f"token_error_{bad_id}"] = str(e)
     if not full:
         return res
 
@@ -104,8 +112,8 @@ def _tp_checks(tp: int, full: bool) -> dict:
         _, dense = model.encode_image(images, with_dense=True)
         res["dense"] = max_err(dense, dense_by_hand(hf, images))
         g = cfg.vision.grid_size
-        box = torch.tensor([[[2 / g, 1 / g, 3 / g, 2 / g]]] * 3)
-        pooled = model.region_embeddings(dense, box, torch.tensor([1, 0, 1]))
+        rois = torch.tensor([[i, 2 / g, 1 / g, 3 / g, 2 / g] for i in (0, 2)])
+        pooled = model.region_embeddings(dense, rois)
         res["region"] = max_err(pooled, dense_by_hand(hf, images)[[0, 2], :, 1, 2])
 
         # Long text against transformers with FG-CLIP's per-position table.
@@ -161,6 +169,9 @@ def _check(results: list[dict], tp: int, full: bool) -> None:
         assert (
             r["divisible_error"] == f"model.projection_dim=25 is not divisible by the TP size {tp}"
         )
+        for bad_id in (small_config().text.vocab_size, -1):
+            assert "model.text.vocab_size" in r[f"token_error_{bad_id}"], r
+            assert str(bad_id) in r[f"token_error_{bad_id}"]
         if not full:
             continue
         for key in ("dense", "region", "long"):
