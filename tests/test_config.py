@@ -81,9 +81,9 @@ def test_yaml_then_cli_overrides(tmp_path):
         "model:\n  vision:\n    layers: 3\nparallel:\n  tensor_parallel_size: 2\n"
         "optim:\n  lr: 3.0e-4\n"
     )
-    cfg = load_config(
-        "tiny", str(path), ["optim.lr=1e-3", "loss.kind=sigmoid", "parallel.sequence_parallel=true"]
-    )
+    overrides = ["optim.lr=1e-3", "loss.kind=sigmoid", "model.logit_bias_init=-10",
+                 "parallel.sequence_parallel=true"]  # fmt: skip
+    cfg = load_config("tiny", str(path), overrides)
     assert cfg.model.vision.layers == 3
     assert cfg.parallel.tensor_parallel_size == 2
     assert cfg.optim.lr == pytest.approx(1e-3)  # CLI wins over YAML
@@ -123,11 +123,36 @@ def test_yaml_unknown_key_names_the_field(tmp_path):
         ("model.vision.patch_size=7", "model.vision.image_size"),
         ("model.text.long_position_split=100", "model.text.long_position_split"),
         ("data.micro_batch_size=0", "data.micro_batch_size"),
+        # Issue 11: values that used to be accepted and failed late (or trained nonsense).
+        ("train.steps=-1", "train.steps"),
+        ("train.steps=0", "train.steps"),
+        ("train.eval_batches=-1", "train.eval_batches"),
+        ("train.log_interval=-5", "train.log_interval"),
+        ("train.eval_interval=-1", "train.eval_interval"),
+        ("checkpoint.save_interval=-1", "checkpoint.save_interval"),
+        ("checkpoint.keep_last=0", "checkpoint.keep_last"),
+        ("optim.lr=-1", "optim.lr"),
+        ("optim.lr=nan", "optim.lr"),
+        ("optim.min_lr=1.0", "optim.min_lr"),
+        ("optim.beta2=1.0", "optim.beta2"),
+        ("model.logit_scale_init=nan", "model.logit_scale_init"),
+        ("model.logit_scale_init=inf", "model.logit_scale_init"),
+        ("loss.region_weight=-0.1", "loss.region_weight"),
+        ("loss.kind=sigmoid", "model.logit_bias_init"),
+        ("parallel.checkpoint_every=0", "parallel.checkpoint_every"),
     ],
 )
 def test_validation_names_the_field(pair, field_name):
     with pytest.raises(ConfigError, match=field_name.replace(".", r"\.")):
         load_config("tiny", None, [pair])
+
+
+def test_missing_input_paths_name_the_field(tmp_path):
+    for field in ("data.shards", "data.eval_shards", "checkpoint.init_from", "checkpoint.load"):
+        cfg = load_config("tiny", None, [f"{field}={tmp_path / 'nope'}"])
+        with pytest.raises(ConfigError, match=field.replace(".", r"\.") + ".*no such file"):
+            cfg.check_paths()
+    load_config("tiny", None, [f"data.eval_shards={tmp_path}"]).check_paths()  # exists: fine
 
 
 def test_world_size_must_be_divisible_by_tp():
@@ -152,6 +177,8 @@ def test_package_imports_without_optional_accelerators_and_env_reports_them():
             "names = {f.name: f for f in env.probe()}\n"
             "for n in ('cuda', 'flash_attn', 'apex', 'dali_gpu_decode', 'triton'):\n"
             "    f = names[n]; assert f.available or f.fallback, n\n"
+            "run = env.run_settings('fgclip_vit_b16')\n"
+            "assert {'params_dtype', 'compute_dtype', 'attention'} <= set(run), run\n"
             "print('OK', names['flash_attn'].fallback)",
         ],
         capture_output=True,
