@@ -134,8 +134,60 @@ def test_resume_continues_the_exact_stream(data):
 
     with pytest.raises(ValueError, match="seed"):
         DaliLoader(dataclasses.replace(cfg, seed=7), SIZE, 1, 2).load_state_dict(state)
-    with pytest.raises(ValueError, match="dp_size"):
-        DaliLoader(cfg, SIZE, 0, 3).load_state_dict(state)
+    with pytest.raises(ValueError, match="dp_size=0"):
+        DaliLoader(cfg, SIZE, 0, 3).load_state_dict({**state, "dp_size": 0})
+    with pytest.raises(ValueError, match="transition"):
+        DaliLoader(cfg, SIZE, 0, 3).load_state_dict({**state, "transition": {"epoch": 0}})
+
+
+def _keys_until_epoch_ends(loader, epoch: int) -> tuple[list[str], list]:
+    """Keys this rank reads in `epoch` (from its position on), and the batches taken."""
+    need = loader.order.epoch_start(epoch + 1) - loader.position
+    keys, batches = [], []
+    while len(keys) < need:
+        batches.append(next(loader))
+        keys += batches[-1].keys
+    return keys[:need], batches
+
+
+def test_a_dp_size_change_reads_the_rest_of_the_epoch_exactly_once(data):
+    shards, records, _ = data
+    cfg = _cfg(shards, py_num_workers=1)
+    # DP=2 ranks take 5 micro-batches each (40 of the 115 samples), then the run resumes at
+    # DP=3 (then back at DP=2 from the DP=3 state, mid-transition).
+    old = [PilLoader(cfg, SIZE, dp_rank=r, dp_size=2) for r in range(2)]
+    before = [k for loader in old for b in _take(loader, 5) for k in b.keys]
+    state = old[0].state_dict()
+    assert state["global_samples"] == 40 and state["transition"] is None
+    new = [DaliLoader(cfg, SIZE, dp_rank=0, dp_size=3)]
+    new += [PilLoader(cfg, SIZE, dp_rank=r, dp_size=3) for r in (1, 2)]
+    for loader in new:
+        loader.load_state_dict(state)
+        assert loader.position == 0 and loader.epoch == 0
+    # DP=3 ranks take 2 batches each (24 more), save, and the last 51 go to DP=2 again.
+    middle = [k for loader in new for b in _take(loader, 2) for k in b.keys]
+    state3 = new[2].state_dict()
+    assert state3["global_samples"] == 64 and state3["transition"]["legs"][0][0] == 2
+    # The same layout continues exactly from the saved transition state.
+    again = PilLoader(cfg, SIZE, dp_rank=2, dp_size=3)
+    again.load_state_dict(state3)
+    assert [b.keys for b in _take(again, 3)] == [b.keys for b in _take(new[2], 3)]
+    last = [DaliLoader(cfg, SIZE, dp_rank=r, dp_size=2) for r in range(2)]
+    rest, tails = [], []
+    for loader in last:
+        loader.load_state_dict(state3)
+        keys, batches = _keys_until_epoch_ends(loader, 0)
+        rest += keys
+        tails.append(batches[-1])
+    seen = before + middle + rest
+    assert len(seen) == N and sorted(seen) == sorted(records)  # each sample exactly once
+    # The batch that crosses the end of the transition epoch continues with normal epoch 1.
+    for loader, tail in zip(last, tails, strict=True):
+        assert loader.epoch == 1 and loader.order.first_epoch == 0
+        n1 = loader.position - loader.order.epoch_start(1)
+        assert 0 < n1 and tail.keys[-n1:] == loader.keys_of(loader.order.plan(1).ids[:n1])
+    for loader in (*old, *new, again, *last):
+        loader.close()
 
 
 def test_epochs_reshuffle(data):

@@ -225,6 +225,16 @@ def _two_process_checks(tmp: str) -> dict:
     )
     out["records"] = _records(tmp / "full")
 
+    # A DP-size change mid-epoch: from the DP2 step-2 checkpoint (16 of 24 samples read) on at
+    # TP2 x DP1 for one step (4 more), then at TP1 x DP2 again for one step.
+    out["dp_change"] = []
+    step2, dp1 = tmp / "full" / "checkpoints" / "step_00000002", tmp / "dp1" / "checkpoints"
+    for name, tp, steps, load in (("dp1", 2, 3, step2), ("dp2b", 1, 4, dp1)):
+        _next_layout()
+        cfg = _cfg(tmp / name, data, steps, parallel__tensor_parallel_size=tp,
+                   train__eval_batches=0, checkpoint__load=str(load))  # fmt: skip
+        out["dp_change"].append(_recording_train(cfg, keep_process_groups=True)[1])
+
     # TP=2 (then TP=2 + sequence parallel) over the same 4 steps as the one-process run.
     out["tp2"] = []
     for sp in (False, True):
@@ -273,6 +283,20 @@ def test_dp2_metrics_hold_global_values(two):
     assert {"n_region", "n_hard"} <= counts_seen
     # The losses the trainer returns are the same global values on both ranks.
     assert two[0]["full"] == two[1]["full"]
+
+
+@pytest.mark.slow
+def test_a_dp_size_change_mid_epoch_reads_each_sample_once(two):
+    before = [i for res in two for s in res["seen"][:2] for i in s["ids"]]  # DP2, steps 1-2
+    (dp1_r0, dp2_r0), (dp1_r1, dp2_r1) = two[0]["dp_change"], two[1]["dp_change"]
+    assert [s["step"] for s in dp1_r0] == [3] and [s["step"] for s in dp2_r0] == [4]
+    assert dp1_r0[0]["ids"] == dp1_r1[0]["ids"]  # TP ranks read the same batch
+    middle = dp1_r0[0]["ids"]
+    # The last 4 samples of epoch 0 go 2 + 2 to the DP2 ranks, then each starts epoch 1.
+    last = [dp2_r0[0]["ids"], dp2_r1[0]["ids"]]
+    epoch0 = before + middle + last[0][:2] + last[1][:2]
+    assert sorted(epoch0) == list(range(24)), epoch0
+    assert len(set(last[0][2:] + last[1][2:])) == 4
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fgclip_mega.data.order import StreamOrder
+from fgclip_mega.data.order import StreamOrder, Transition
 from fgclip_mega.data.schema import OUTPUT_NAMES, allocate_outputs
 from fgclip_mega.data.shards import Block, ShardReader
 from fgclip_mega.data.tokenizer import fit_context
@@ -40,6 +40,7 @@ class SourceSpec:
     short_context: int = 77
     long_context: int = 248
     region_text: str = "random"
+    transition: Transition | None = None  # set after a resume at another dp_size (order.py)
 
     def order(self) -> StreamOrder:
         return StreamOrder(
@@ -49,6 +50,7 @@ class SourceSpec:
             self.dp_size,
             self.block_size,
             self.window_blocks,
+            self.transition,
         )
 
 

@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
 
 import numpy as np
 
 from fgclip_mega.config import DataConfig
+from fgclip_mega.data.order import Transition, transition_after
 from fgclip_mega.data.shards import ShardReader, ShardSet, open_shard_set
 from fgclip_mega.data.source import SampleSource, SourceSpec
 
 STATE_VERSION = 1
-# State fields that fix the sample order; a resume with any of them changed is refused.
-_ORDER_FIELDS = ("seed", "dp_size", "fingerprint", "block_size", "window_blocks")
+# State fields that fix the sample order; a resume with any of them changed is refused (a changed
+# dp_size is continued through a transition epoch, see order.py).
+_ORDER_FIELDS = ("seed", "fingerprint", "block_size", "window_blocks")
 
 
 class StreamLoader:
     """Endless iterator of micro-batches over this rank's share of the shards.
 
     The state is the stream position (samples this rank has consumed), identical on every rank
-    because every rank takes the same number of equally sized micro-batches: saving rank 0's
-    `state_dict()` and loading it on all ranks resumes every rank exactly.
+    because every rank takes the same number of equally sized micro-batches, plus the transition
+    (if the stream began at a DP-size change): saving rank 0's `state_dict()` and loading it on
+    all ranks resumes every rank exactly, at the same or at another dp_size.
     """
 
     def __init__(
@@ -55,6 +59,7 @@ class StreamLoader:
         SampleSource(self.spec)  # validates the spec here, not in a worker process
         self.order = self.spec.order()
         self.position = 0
+        self.global_base = 0  # samples the whole DP group consumed before position 0
         self._keys: OrderedDict[int, list[str]] = OrderedDict()
 
     # ------------------------------------------------------------------ stream facts
@@ -108,32 +113,47 @@ class StreamLoader:
             "fingerprint": self.shards.fingerprint,
             "block_size": self.spec.block_size,
             "window_blocks": self.spec.window_blocks,
+            "transition": self.spec.transition.to_state() if self.spec.transition else None,
             # Every rank is at `position`: samples consumed by the whole DP group.
-            "global_samples": self.position * self.spec.dp_size,
+            "global_samples": self.global_base + self.position * self.spec.dp_size,
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Same dp_size: continues exactly. Another dp_size (a resume at a new layout): each
-        rank's order depends on dp_size, so the stream continues at the start of the next epoch
-        (`resume_position`); the rest of the interrupted epoch is not seen."""
+        """Same dp_size: continues exactly. Another dp_size (a resume at a new layout): the
+        samples of the current epoch that no old rank read are split over the new ranks (a
+        transition epoch, order.py), then normal epochs follow: nothing repeated or skipped."""
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"loader state version {state.get('version')} != {STATE_VERSION}")
         mine = self.state_dict()
         for name in _ORDER_FIELDS:
-            if name != "dp_size" and state.get(name) != mine[name]:
+            if state.get(name) != mine[name]:
                 raise ValueError(
                     f"loader state: {name}={state.get(name)!r} but this loader has "
                     f"{mine[name]!r}; the sample order would differ, so it cannot resume exactly"
                 )
-        self._restart(self.resume_position(state))
-
-    def resume_position(self, state: dict) -> int:
-        """This loader's stream position for a saved state (the same on every rank)."""
-        if state["dp_size"] == self.spec.dp_size:
-            return int(state["position"])
-        epoch = state["epoch"] + (state["offset_in_epoch"] > 0)
-        # Ranks' epochs start within one sample of each other: the latest start is common.
-        return epoch * self.order.base - (-(epoch * self.order.extra) // self.spec.dp_size)
+        old_dp, position = state.get("dp_size"), state.get("position")
+        for name, value, least in (("dp_size", old_dp, 1), ("position", position, 0)):
+            if not isinstance(value, int) or value < least:
+                raise ValueError(f"loader state: {name}={value!r}: expected an int >= {least}")
+        global_samples = int(state.get("global_samples", position * old_dp))
+        try:
+            transition = Transition.from_state(state.get("transition"))
+            if old_dp != self.spec.dp_size:
+                transition = transition_after(
+                    self.shards.sizes, self.spec.seed, old_dp, position,
+                    self.spec.block_size, self.spec.window_blocks, transition,
+                )  # fmt: skip
+                position = 0
+            spec = replace(self.spec, transition=transition)
+            order = spec.order()
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(
+                f"loader state (dp_size={old_dp}, position={state['position']}, "
+                f"transition={state.get('transition')!r}): {e}"
+            ) from None
+        self.spec, self.order = spec, order
+        self.global_base = global_samples - position * self.spec.dp_size
+        self._restart(position)
 
     def _restart(self, position: int) -> None:
         """Continue from `position`; subclasses drop prefetched work."""
