@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 
 from fgclip_mega.config import PRESETS, ConfigError, load_config
 
@@ -26,9 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core logs every parameter name and its full optimizer config at INFO.
     logging.getLogger("megatron").setLevel(logging.WARNING)
     try:
-        cfg = load_config(args.preset, args.config, args.overrides)
+        # Every check that needs no process group or model, before the heavy imports.
+        cfg = load_config(args.preset, args.config, args.overrides).check_paths()
     except ConfigError as e:
-        parser.error(str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # megatron-core warns at import that apex/TE are absent; `python -m fgclip_mega.env` says
+    # which fallback is in use instead.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from fgclip_mega.checkpoint import CheckpointError
     from fgclip_mega.train.loop import train
 
