@@ -43,19 +43,6 @@ def _rel(measured: float, analytic: float) -> float:
     return abs(measured - analytic) / max(measured, 1.0)
 
 
-@pytest.fixture(scope="module")
-def world():
-    """A world of one with megatron's groups (TP=1) in this process."""
-    import torch.distributed as dist
-
-    from fgclip_mega.parallel import destroy_parallel, init_parallel
-
-    started_here = not dist.is_initialized()
-    yield init_parallel(ParallelConfig(), seed=0)
-    if started_here:
-        destroy_parallel()
-
-
 def _tokens(g: torch.Generator, shape: tuple[int, ...], context: int, last_eot: int):
     """(..., context) random tokens, EOT at a random place < last_eot (some rows exactly at it),
     zero padding after: the loader trims the batch to its last EOT rounded up to 8."""
