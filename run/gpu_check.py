@@ -69,13 +69,10 @@ def _pytest(files: list[str], ignore: list[str] | None = None) -> list[str]:
 
 
 def _bench_loss_args() -> list[str]:
-    # b = 256 per GPU x B = 32K global, d = 768, bf16, chunked vs Triton.
-    script = ROOT / "run/bench_loss.py"
-    text = script.read_text() if script.exists() else ""
-    args = ["--sizes", "32768", "--dim", "768", "--dtype", "bf16", "--impls", "chunked", "triton"]
-    if "--local-batch" in text:  # a per-rank slice of the global batch, when the bench has it
-        args += ["--local-batch", "256"]
-    return args
+    # The per-rank shape of issue 14: b = 256 local rows x B = 32K gathered columns, d = 768,
+    # bf16; naive (the baseline of the ratios), chunked and Triton.
+    return ["--grid", "rect", "--rows", "256", "--cols", "32768", "--dims", "768",
+            "--dtypes", "bf16", "--impls", "naive", "chunked", "triton"]  # fmt: skip
 
 
 def parts() -> list[Part]:
