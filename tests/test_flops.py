@@ -79,6 +79,7 @@ def make_batch(cfg: Config, counts: list[int], long_eot: int, short_eot: int, se
         "hardneg_tokens": _tokens(g, (b, m, 1 + k), t.short_context, short_eot),
         "hardneg_valid": hard_valid,
         "sample_ids": torch.arange(b),
+        "positions": torch.arange(b),
         "epoch": 0,
     }
     images = torch.randn(b, 3, s, s, generator=g)
