@@ -9,6 +9,7 @@ them explicitly.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -19,6 +20,8 @@ import torch.distributed as dist
 from fgclip_mega import runtime as rt
 from fgclip_mega.config import Config, ParallelConfig
 from fgclip_mega.parallel import cpu_compat, mcore_patches
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,8 +56,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed(backend: str = "auto", timeout_minutes: int = 10) -> tuple[int, int]:
+def init_distributed(
+    backend: str = "auto", timeout_minutes: int = 10, tensor_parallel_size: int = 1
+) -> tuple[int, int]:
     """Initialises the default process group from torchrun's environment (or a world of one)."""
+    if tensor_parallel_size > 1:
+        # One hardware queue per device: TP collectives are then issued in program order and
+        # overlap with compute as megatron schedules them. Read when CUDA initialises, so it is
+        # set before torch.cuda.set_device (and before anything else touches CUDA).
+        previous = os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+        if previous not in (None, "1"):
+            _log.warning("CUDA_DEVICE_MAX_CONNECTIONS=%s replaced by 1 for TP", previous)
+        os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if "RANK" not in os.environ:
@@ -84,7 +97,7 @@ def init_parallel(
 
     config = cfg if isinstance(cfg, Config) else None
     cfg = config.parallel if config is not None else cfg
-    rank, world_size = init_distributed(cfg.backend, cfg.timeout_minutes)
+    rank, world_size = init_distributed(cfg.backend, cfg.timeout_minutes, cfg.tensor_parallel_size)
     cfg.data_parallel_size(world_size)  # validates that TP divides the world
     if not rt.cuda_available():
         cpu_compat.enable()
