@@ -306,13 +306,10 @@ class Checkpointer:
         data = train_state["loader"]
         if data.get("dp_size") != st.dp_size:
             log.warning(
-                "data-parallel size %s -> %d: each rank's sample order depends on it, so the "
-                "loader continues at the start of epoch %d (global samples consumed: %s; the "
-                "rest of epoch %d is not seen)",
+                "data-parallel size %s -> %d: the samples of epoch %d that no old rank read are "
+                "split over the new ranks (a transition epoch), then normal epochs follow",
                 data.get("dp_size"),
                 st.dp_size,
-                data["epoch"] + (data["offset_in_epoch"] > 0),
-                data.get("global_samples"),
                 data["epoch"],
             )
         try:
