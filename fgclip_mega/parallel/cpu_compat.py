@@ -14,6 +14,7 @@ code base special-cases CPU for megatron-core.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -33,22 +34,75 @@ def _is_cuda_device(device: Any) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+# Functions whose calls the mode changes; every other call goes straight through (the fast path:
+# the mode sees every torch call, ~2,600 per tiny step, most of them with no kwargs).
+_SPECIAL = frozenset({torch.Tensor.cuda, torch.Tensor.type, torch.Tensor.to})
+
+
 class CudaAsCpuMode(TorchFunctionMode):
     """Rewrites CUDA placements to CPU for every torch call made while it is active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        if not kwargs:
+            if func not in _SPECIAL:
+                return func(*args)
+            kwargs = {}
+        elif "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs = {**kwargs, "device": _CPU}
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
             # torch.FloatTensor -> torch.cuda.FloatTensor, as megatron's optimizer checks expect.
             return name.replace("torch.", "torch.cuda.", 1) if "cuda" not in name else name
-        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
-            kwargs = {**kwargs, "device": _CPU}
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], _CPU, *args[2:])
         return func(*args, **kwargs)
+
+
+def _pop_if_top() -> bool:
+    """Takes the mode off torch's function-mode stack if it is on top (the usual case; under
+    another mode it stays, which is only slower)."""
+    mode = _state.get("mode")
+    n = torch._C._len_torch_function_stack()
+    if mode is None or n == 0 or torch._C._get_function_stack_at(n - 1) is not mode:
+        return False
+    torch._C._pop_torch_function_stack()
+    return True
+
+
+def _push_back(popped: bool) -> None:
+    if popped and _state:
+        torch._C._push_on_torch_function_stack(_state["mode"])
+
+
+@contextlib.contextmanager
+def suspended():
+    """Runs CUDA-free code without the mode. Its cost is not only its own call per torch
+    function: while any mode is active, every `torch.nn.functional` call also takes torch's
+    Python `handle_torch_function` path. Only for code that never names a CUDA device (megatron's
+    tensor-parallel layers allocate through `torch.cuda.current_device()`, which `enable()`
+    patches without the mode)."""
+    popped = _pop_if_top()
+    try:
+        yield
+    finally:
+        _push_back(popped)
+
+
+def run_forward_without_mode(module: torch.nn.Module) -> None:
+    """Every forward of `module` runs `suspended()` (hooks; the mode comes back also when the
+    forward raises). For the model's towers: megatron layers and our own code, no CUDA names."""
+    popped: list[bool] = []
+
+    def pre(_module, _args):
+        popped.append(_pop_if_top())
+
+    def post(_module, _args, _out):
+        _push_back(popped.pop())
+
+    module.register_forward_pre_hook(pre)
+    module.register_forward_hook(post, always_call=True)
 
 
 def _cpu_get_rng_state(*_args, **_kwargs) -> torch.Tensor:
@@ -76,12 +130,16 @@ def _cpu_autocast_function(fn_class) -> dict:
             torch.is_autocast_enabled("cpu"),
             torch.get_autocast_dtype("cpu"),
         )
-        return forward.__func__(ctx, *args, **kwargs)
+        with suspended():  # megatron's linear names no CUDA device
+            return forward.__func__(ctx, *args, **kwargs)
 
     def cpu_backward(ctx, *grads):
         enabled, dtype = ctx._fgclip_cpu_autocast
-        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
-            return backward.__func__(ctx, *grads)
+        with suspended():
+            if not enabled and not torch.is_autocast_enabled("cpu"):
+                return backward.__func__(ctx, *grads)  # fp32: nothing to re-enter
+            with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+                return backward.__func__(ctx, *grads)
 
     fn_class.forward, fn_class.backward = staticmethod(cpu_forward), staticmethod(cpu_backward)
     return {(fn_class, "forward"): forward, (fn_class, "backward"): backward}

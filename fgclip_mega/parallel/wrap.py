@@ -20,6 +20,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 
 from fgclip_mega.config import Config, OptimizerConfig, ParallelConfig
 from fgclip_mega.models.layers import megatron_config
+from fgclip_mega.parallel import cpu_compat
 
 if TYPE_CHECKING:
     from fgclip_mega.models import FGCLIPModel
@@ -64,7 +65,13 @@ def wrap_data_parallel(
     config = megatron_config(
         parallel.tensor_parallel_size, parallel.sequence_parallel, runtime.params_dtype
     )
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=module)
+    if cpu_compat.is_enabled():
+        # The towers name no CUDA device: their forward skips the CPU compatibility mode (the
+        # mode stays on for DDP and the optimizer, which do).
+        for child in module.children():
+            cpu_compat.run_forward_without_mode(child)
+    return ddp
 
 
 def sync_params(ddp: DistributedDataParallel) -> None:
@@ -108,6 +115,7 @@ def build_optimizer(
     optimizer = get_megatron_optimizer(
         mcfg, [model], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)}
     )
+    use_foreach_adam(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if optim.warmup_steps else optim.lr,
@@ -128,6 +136,19 @@ def build_optimizer(
     return optimizer, scheduler
 
 
+def use_foreach_adam(optimizer) -> None:
+    """torch Adam (megatron's optimizer without apex/TE) defaults to its multi-tensor (foreach)
+    kernels only when every param is on a GPU; on CPU it loops over params in Python, ~12 ops
+    each. The foreach path gives bitwise the same update. Fused/apex optimizers are left alone."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if not group.get("fused") and not group.get("capturable"):
+                group["foreach"] = True
+
+
 def apply_optimizer_hyperparams(optimizer, optim: OptimizerConfig) -> None:
     """After loading optimizer state: the config's betas/eps win over the checkpoint's
     (torch restores them with the param groups); lr and weight decay come from the schedule."""
@@ -135,3 +156,4 @@ def apply_optimizer_hyperparams(optimizer, optim: OptimizerConfig) -> None:
         for group in opt.param_groups:
             group["betas"] = (optim.beta1, optim.beta2)
             group["eps"] = optim.eps
+    use_foreach_adam(optimizer)  # a loaded param group brings the saved 'foreach'
