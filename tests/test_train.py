@@ -427,3 +427,21 @@ def test_sigterm_saves_at_the_reached_step_and_a_rerun_resumes(tmp_path):
     )
     steps = [r["step"] for r in _records(out) if "eval" not in r]
     assert steps == sorted(set(steps)) and steps[-1] == reached + 1
+
+
+def test_stage2_seeded_from_stage1_starts_its_temperatures_at_the_global_one(tmp_path):
+    # FG-CLIP: stage 2 starts the region and hard-negative temperatures from the global one
+    # learnt in stage 1 (they were left at their untrained initial value).
+    from fgclip_mega.train.loop import train
+
+    data = tmp_path / "data"
+    one = _cfg(tmp_path / "s1", data, 3, train__stage="global", train__eval_batches=0)
+    one.optim.lr = 5e-2  # move the global temperature visibly in 3 steps
+    train(one)
+    saved = _params(tmp_path / "s1", 3)
+    assert saved["logit_scale"] != saved["logit_scale_hardneg"]
+    two = _cfg(tmp_path / "s2", data, 4, train__stage="regional", train__eval_batches=0,
+               checkpoint__load=str(tmp_path / "s1" / "checkpoints"))  # fmt: skip
+    first = train(two).losses[0]
+    assert first["step"] == 4
+    assert first["scale_finegraind"] == first["scale_hardneg"] == first["scale"]

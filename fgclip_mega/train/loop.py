@@ -82,6 +82,11 @@ def resume(run: TrainingRun) -> int:
             "resuming with changed settings (saved -> now, now applies): %s",
             ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
         )
+    if (saved_cfg or {}).get("train", {}).get("stage") == "global" and run.regional:
+        # Stage 1 -> stage 2 (FG-CLIP): the region and hard-negative temperatures start from the
+        # global one learnt in stage 1, not from their untrained initial value.
+        run.model.init_stage2_scales()
+        log.info("stage 1 -> 2: region/hard-negative temperatures start at the global one")
     log.info("resumed from %s at step %d", path, step)
     return step
 
