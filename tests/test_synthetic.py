@@ -1,4 +1,5 @@
-"""Synthetic fine-grained scenes: determinism, captions, boxes on the drawn pixels, negatives."""
+"""Synthetic fine-grained scenes: determinism, captions, boxes around the drawn pixels (with a
+fixed background margin, so the object's share of its box encodes its size), negatives."""
 
 import io
 import json
@@ -8,7 +9,16 @@ from PIL import Image
 
 from data_prep.synthetic import generate, parse_args
 from fgclip_mega.data.ingest import parse_record
-from fgclip_mega.data.synthetic import COLOURS, SHAPES, SIZES, TEXTURES, make_scene, texture_cell
+from fgclip_mega.data.synthetic import (
+    BOX_MARGIN,
+    COLOURS,
+    SHAPES,
+    SIZES,
+    TEXTURES,
+    _background,
+    make_scene,
+    texture_cell,
+)
 
 ATTRS = {"size": SIZES, "colour": COLOURS, "texture": TEXTURES, "shape": SHAPES}
 
@@ -107,6 +117,8 @@ def test_textures_survive_the_squash_to_the_training_size():
             if attrs["texture"] == "plain" or attrs["shape"] != "square":
                 continue
             x1, y1, x2, y2 = np.array(box["bbox"][:4]) * 64
+            m = BOX_MARGIN * 64  # the box's background margin, in training pixels
+            x1, y1, x2, y2 = x1 + m, y1 + m, x2 - m, y2 - m
             crop = a[int(np.ceil(y1)) + 1 : int(y2) - 1, int(np.ceil(x1)) + 1 : int(x2) - 1]
             base = np.array(COLOURS[attrs["colour"]], float)
             d = (base // 2 if base.sum() > 200 else base + 110) - base
@@ -115,3 +127,44 @@ def test_textures_survive_the_squash_to_the_training_size():
             assert pure >= 0.55, (i, box["short_expr"], pure)
             seen.add(attrs["texture"])
     assert seen == {"striped", "dotted", "checkered"}
+
+
+def _object_mask(img: np.ndarray, bg: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels that differ from the scene's own background (JPEG q100 error < 15)."""
+    return np.abs(img - bg).max(-1) > 40
+
+
+def test_boxes_carry_a_fixed_margin_so_the_covered_share_encodes_size():
+    # Independent of the generator's geometry: the objects are found on the pixels (scene minus
+    # the same scene's background, drawn first from the scene's random stream, so redrawn here
+    # from the same stream). Every box must lie inside the image, hold exactly its object's
+    # pixels plus BOX_MARGIN of background per side, and the object's share of the box must
+    # separate the sizes (a tight box made every size cover ~the whole box).
+    w, h = 128, 96
+    share = {s: [] for s in SIZES}
+    for i in range(60):
+        _, jpeg, rec = make_scene(2, "train", i, w, h, train_size=64, jpeg_quality=100)
+        img = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"), dtype=int)
+        bg = np.asarray(_background(np.random.default_rng([2, 11, i]), w, h)[1], dtype=int)
+        obj = _object_mask(img, bg)
+        boxes = [np.array(b["bbox"][:4]) * [w, h, w, h] for b in rec["bbox_info"]]
+        for b, (x1, y1, x2, y2) in zip(rec["bbox_info"], boxes, strict=True):
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h, b
+            inner = obj[round(y1) : round(y2), round(x1) : round(x2)]
+            ys, xs = np.nonzero(inner)
+            mx, my = BOX_MARGIN * w, BOX_MARGIN * h
+            # Object pixels start about one margin in from each side (+-2 px: antialiasing,
+            # dark pixels of a texture close to the background, JPEG).
+            assert abs(xs.min() - mx) <= 3 and abs(inner.shape[1] - 1 - xs.max() - mx) <= 3, b
+            assert abs(ys.min() - my) <= 3 and abs(inner.shape[0] - 1 - ys.max() - my) <= 3, b
+            # The margin holds no other object: a ring just inside the box edge is background.
+            ring = np.ones_like(inner)
+            ring[3:-3, 3:-3] = False
+            assert not (inner & ring).any(), b
+            tight = (x2 - x1 - 2 * mx) * (y2 - y1 - 2 * my)
+            share[_attrs(b["short_expr"])["size"]].append(tight / ((x2 - x1) * (y2 - y1)))
+    lo = {s: min(v) for s, v in share.items()}
+    hi = {s: max(v) for s, v in share.items()}
+    assert all(len(v) >= 10 for v in share.values()), {s: len(v) for s, v in share.items()}
+    assert hi["small"] < lo["medium"] and hi["medium"] < lo["large"], (lo, hi)
+    assert np.mean(share["large"]) - np.mean(share["small"]) > 0.12, share
