@@ -1,12 +1,12 @@
 """Host-sync budget of a training step (issue 14): at most 2 per stage-1 step, 3 per stage-2 step.
 
 A host sync makes the CPU wait for the GPU (a scalar read, a copy to the host, an op whose output
-shape depends on values). `HostSyncCounter` (run/bench_step.py, which also reports the count)
-counts them on CPU as the calls that would be syncs on a GPU: reads of CPU tensors that live on
-the host on a GPU too (torch Adam's step counters) and checks that run only for CPU tensors are
-exempt, each listed by name. megatron's optimizer reads the gradient norm once (a float, which
-the trainer's NaN check uses): that is the one sync a step has today. Log reads happen at the
-log interval, outside the step.
+shape depends on values). `HostSyncCounter` (fgclip_mega/profiling/host_syncs.py) counts them on
+CPU as the calls that would be syncs on a GPU: reads of CPU tensors that live on the host on a GPU
+too (torch Adam's step counters) and checks that run only for CPU tensors are exempt, each listed
+by name. megatron's optimizer reads the gradient norm once (a float, which the trainer's NaN check
+uses): that is the one sync a step has today. Log reads happen at the log interval, outside the
+step.
 
 Also here: CUDA_DEVICE_MAX_CONNECTIONS=1 under TP, set before CUDA initialises.
 """
@@ -14,7 +14,6 @@ Also here: CUDA_DEVICE_MAX_CONNECTIONS=1 under TP, set before CUDA initialises.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from pathlib import Path
 
@@ -22,21 +21,11 @@ import pytest
 import torch
 
 from fgclip_mega.config import tiny
+from fgclip_mega.profiling import host_syncs as bench
 from fgclip_mega.runtime import resolve_runtime
 from tests.distributed import run_distributed
 
-ROOT = Path(__file__).resolve().parent.parent
 BUDGET = {"global": 2, "regional": 3}
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("bench_step", ROOT / "run/bench_step.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-bench = _bench()
 
 
 def _cfg(tmp: Path, stage: str):
