@@ -328,9 +328,7 @@ class Config:
         c = self.checkpoint
         _require(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0 (0 = at the end)")
         _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
-        _require(
-            c.on_corrupt in ("fallback", "fail"), "checkpoint.on_corrupt", "fallback or fail"
-        )
+        _require(c.on_corrupt in ("fallback", "fail"), "checkpoint.on_corrupt", "fallback or fail")
         return self
 
     def check_paths(self) -> Config:

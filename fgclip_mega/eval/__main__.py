@@ -130,7 +130,7 @@ def _load(cfg: Config, step_dir: Path | None, checkpoint: str, state, log):
     from fgclip_mega.eval.weights import load_training_weights
     from fgclip_mega.models import FGCLIPModel
 
-    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, state.runtime)
+    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, state.runtime, state.tp_group)
     if step_dir is not None:
         info = load_training_weights(model, step_dir)
         log.info("%s: step %d, saved %s", step_dir, info["step"], info["saved_layout"])

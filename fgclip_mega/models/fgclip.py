@@ -128,8 +128,11 @@ class FGCLIPModel(nn.Module):
             p.data = p.data.float()
 
     @classmethod
-    def from_runtime(cls, cfg: ModelConfig, parallel: ParallelConfig, runtime) -> FGCLIPModel:
-        """Built with a `fgclip_mega.runtime.Runtime`'s device, dtypes and attention backend."""
+    def from_runtime(
+        cls, cfg: ModelConfig, parallel: ParallelConfig, runtime, tp_group=None
+    ) -> FGCLIPModel:
+        """Built with a `fgclip_mega.runtime.Runtime`'s device, dtypes and attention backend,
+        on `tp_group` (the ParallelState's)."""
         return cls(
             cfg,
             parallel,
@@ -137,6 +140,7 @@ class FGCLIPModel(nn.Module):
             compute_dtype=runtime.compute_dtype,
             device=runtime.device,
             attention_backend=runtime.attention,
+            tp_group=tp_group,
         )
 
     def temperatures(self) -> dict[str, nn.Parameter]:

@@ -28,14 +28,15 @@ if TYPE_CHECKING:
 _log = logging.getLogger(__name__)
 
 
-def build_parallel_model(cfg: Config, runtime) -> tuple[FGCLIPModel, DistributedDataParallel]:
+def build_parallel_model(cfg: Config, state) -> tuple[FGCLIPModel, DistributedDataParallel]:
     """Where the model is parallelised, in one visible step: tensor-parallel layers (and
-    sequence parallelism) from `parallel.*`, activation checkpointing per its policy, then
-    megatron DDP over the data-parallel group. Seed the global RNG identically on every rank
-    first: replicated weights must match over TP."""
+    sequence parallelism) over `state.tp_group` from `parallel.*`, activation checkpointing per
+    its policy, then megatron DDP over the data-parallel group. Seed the global RNG identically
+    on every rank first: replicated weights must match over TP."""
     from fgclip_mega.models import FGCLIPModel
 
-    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, runtime)
+    runtime = state.runtime
+    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, runtime, tp_group=state.tp_group)
     if cfg.checkpoint.init_from:
         from fgclip_mega.checkpoint import import_hf_state_dict
 

@@ -65,7 +65,7 @@ def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
     )
     # Same global seed on every rank before building: replicated weights must match over TP.
     torch.manual_seed(cfg.train.seed)
-    model, ddp = build_parallel_model(cfg, runtime)
+    model, ddp = build_parallel_model(cfg, state)
     optimizer, scheduler = build_optimizer(
         ddp, cfg.optim, cfg.parallel, runtime, total_steps=cfg.train.steps
     )
