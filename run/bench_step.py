@@ -273,7 +273,7 @@ def bench_case(args, world, stage: str, micro_batch: int | None, work: Path) -> 
     for _ in range(args.warmup):
         ours()
         plain()
-    syncs = count_step_syncs(run, batches[0], step + 1)
+    syncs = count_step_syncs(lambda: train_step(run, batches[0], step + 1), run.optimizer)
     step += 1
     gflop_ours, gflop_plain = _counted_gflop(ours), _counted_gflop(plain)
     peak_ours, peak_plain = _peak_mb(ours, cuda), _peak_mb(plain, cuda)

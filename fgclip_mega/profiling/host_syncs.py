@@ -155,11 +155,10 @@ def optimizer_host_tensors(optimizer) -> list[torch.Tensor]:
     return out
 
 
-def count_step_syncs(run, batch, step: int) -> HostSyncCounter:
-    """Host syncs of one `train_step` (the optimizer must have stepped once: its state exists)."""
-    from fgclip_mega.train.step import train_step
-
-    counter = HostSyncCounter(optimizer_host_tensors(run.optimizer), CPU_ONLY_CHECKS)
+def count_step_syncs(step_fn, optimizer) -> HostSyncCounter:
+    """Host syncs of one call of `step_fn()` (e.g. a `train_step`); `optimizer` must have
+    stepped once so that its state (whose step counters are exempt) exists."""
+    counter = HostSyncCounter(optimizer_host_tensors(optimizer), CPU_ONLY_CHECKS)
     with counter:
-        train_step(run, batch, step)
+        step_fn()
     return counter
