@@ -70,16 +70,19 @@ def init_distributed(
         os.environ["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    launched = "RANK" in os.environ  # by torchrun (or srun with its variables)
+    rank = int(os.environ["RANK"]) if launched else 0
+    world_size = int(os.environ["WORLD_SIZE"]) if launched else 1
     if backend == "auto":
         backend = "nccl" if rt.cuda_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # A world of one rendezvous on a free local port without writing torchrun's variables into
+    # the environment, where child processes (a launcher, a test's subprocess) would inherit them.
+    init_method = None if launched else f"tcp://127.0.0.1:{_free_port()}"
     dist.init_process_group(
         backend=backend,
+        init_method=init_method,
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(minutes=timeout_minutes),
