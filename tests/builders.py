@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import torch
 
@@ -182,3 +183,35 @@ def make_rois(gen, n_img, h, w, k, scale=1.0, empty_images=(), dtype=torch.float
     images = [i for i in range(n_img) if i not in empty_images]
     bidx = torch.tensor(images)[torch.randint(len(images), (k,), generator=gen)]
     return torch.cat([bidx[:, None].float(), boxes], dim=1).to(dtype)  # (K, 5)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+
+def tiny_run_config(tmp: Path, stage: str, dtype: str = "fp32"):
+    """The tiny preset cut to one layer per tower, micro-batch 4 and 8 synthetic samples: a
+    TrainingRun of it builds and steps in seconds."""
+    from fgclip_mega.config import tiny
+
+    cfg = tiny()
+    cfg.model.vision.layers = 1
+    cfg.model.text.layers = 1
+    cfg.precision.params_dtype = cfg.precision.compute_dtype = dtype
+    cfg.data.micro_batch_size = 4
+    cfg.data.synthetic_num_samples = 8
+    cfg.data.synthetic_dir = str(tmp / "data")
+    cfg.train.stage = stage
+    cfg.train.output_dir = str(tmp / f"run_{stage}_{dtype}")
+    cfg.train.eval_batches = 0
+    return cfg.validate()
+
+
+def build_run(world, cfg):
+    """A TrainingRun in this process on the `world` fixture's groups, with cfg's runtime."""
+    from fgclip_mega.runtime import resolve_runtime
+    from fgclip_mega.train.build import build_training_run
+
+    state = dataclasses.replace(
+        world, runtime=resolve_runtime(cfg, world.device, with_decode=False)
+    )
+    return build_training_run(cfg, state)

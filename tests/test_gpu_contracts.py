@@ -21,29 +21,7 @@ import torch
 
 from fgclip_mega.config import ParallelConfig, fgclip_vit_b16, tiny
 from fgclip_mega.runtime import resolve_runtime
-
-
-def _cfg(tmp, stage: str, dtype: str = "fp32"):
-    cfg = tiny()
-    cfg.model.vision.layers = 1
-    cfg.model.text.layers = 1
-    cfg.precision.params_dtype = cfg.precision.compute_dtype = dtype
-    cfg.data.micro_batch_size = 4
-    cfg.data.synthetic_num_samples = 8
-    cfg.data.synthetic_dir = str(tmp / "data")
-    cfg.train.stage = stage
-    cfg.train.output_dir = str(tmp / f"run_{stage}_{dtype}")
-    cfg.train.eval_batches = 0
-    return cfg.validate()
-
-
-def _build(world, cfg):
-    from fgclip_mega.train.build import build_training_run
-
-    state = dataclasses.replace(
-        world, runtime=resolve_runtime(cfg, torch.device("cpu"), with_decode=False)
-    )
-    return build_training_run(cfg, state)
+from tests.builders import build_run, tiny_run_config
 
 
 @pytest.mark.parametrize("stage", ["global", "regional"])
@@ -51,7 +29,7 @@ def test_train_step_creates_no_tensor_on_the_default_device(world, tmp_path, sta
     from fgclip_mega.train.loop import _read_values
     from fgclip_mega.train.step import train_step
 
-    run = _build(world, _cfg(tmp_path, stage))
+    run = build_run(world, tiny_run_config(tmp_path, stage))
     try:
         batch = next(run.loader).to("cpu")
         torch.set_default_device("meta")
@@ -188,8 +166,8 @@ def _main_param(optimizer, param):
 def test_bf16_weights_clamp_temperatures_on_the_main_copy(world, tmp_path):
     from fgclip_mega.train.step import train_step
 
-    cfg = _cfg(tmp_path, "global", "bf16")
-    run = _build(world, cfg)
+    cfg = tiny_run_config(tmp_path, "global", "bf16")
+    run = build_run(world, cfg)
     try:
         model = run.model
         assert model.vision.transformer.blocks[0].mlp.fc1.weight.dtype == torch.bfloat16

@@ -13,41 +13,17 @@ Also here: CUDA_DEVICE_MAX_CONNECTIONS=1 under TP, set before CUDA initialises.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
 import pytest
 import torch
 
-from fgclip_mega.config import tiny
 from fgclip_mega.profiling import host_syncs as bench
-from fgclip_mega.runtime import resolve_runtime
+from tests.builders import build_run, tiny_run_config
 from tests.distributed import run_distributed
 
 BUDGET = {"global": 2, "regional": 3}
-
-
-def _cfg(tmp: Path, stage: str):
-    cfg = tiny()
-    cfg.model.vision.layers = 1
-    cfg.model.text.layers = 1
-    cfg.data.micro_batch_size = 4
-    cfg.data.synthetic_num_samples = 8
-    cfg.data.synthetic_dir = str(tmp / "data")
-    cfg.train.stage = stage
-    cfg.train.output_dir = str(tmp / f"run_{stage}")
-    cfg.train.eval_batches = 0
-    return cfg.validate()
-
-
-def _build(world, cfg):
-    from fgclip_mega.train.build import build_training_run
-
-    state = dataclasses.replace(
-        world, runtime=resolve_runtime(cfg, world.device, with_decode=False)
-    )
-    return build_training_run(cfg, state)
 
 
 def _count(run, batch, step: int):
@@ -123,7 +99,7 @@ def runs(world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("syncs")
     built = {}
     for stage in BUDGET:
-        run = _build(world, _cfg(tmp, stage))
+        run = build_run(world, tiny_run_config(tmp, stage))
         try:
             batch = next(run.loader).to(world.device)
         finally:
@@ -177,7 +153,7 @@ def _dp2_syncs(tmp: str) -> dict[str, list[tuple[str, str]]]:
     assert world.dp_size == 2
     out = {}
     for stage in BUDGET:
-        run = _build(world, _cfg(Path(tmp), stage))
+        run = build_run(world, tiny_run_config(Path(tmp), stage))
         try:
             batch = next(run.loader).to(world.device)
         finally:

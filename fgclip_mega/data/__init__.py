@@ -11,6 +11,7 @@ import importlib
 _LAZY = {
     "Batch": "fgclip_mega.data.batch",
     "build_loader": "fgclip_mega.data.loader",
+    "build_config_loader": "fgclip_mega.data.loader",
     "DaliLoader": "fgclip_mega.data.loader",
     "PilLoader": "fgclip_mega.data.pil_loader",
     "StreamLoader": "fgclip_mega.data.stream",

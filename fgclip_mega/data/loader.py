@@ -237,4 +237,21 @@ def build_loader(
     raise ValueError(f"loader kind {kind!r}: expected 'dali' or 'pil'")
 
 
-__all__ = ["Batch", "DaliLoader", "build_loader", "resolve_decode_device"]
+def build_config_loader(
+    cfg, dp_rank: int, dp_size: int, device: torch.device | str, data: DataConfig | None = None
+) -> StreamLoader:
+    """`build_loader` with the sizes of a whole `Config` (image size, text contexts);
+    `data` replaces cfg.data (e.g. the held-out set)."""
+    t = cfg.model.text
+    return build_loader(
+        data or cfg.data,
+        cfg.model.vision.image_size,
+        t.short_context,
+        t.long_context,
+        dp_rank=dp_rank,
+        dp_size=dp_size,
+        device=device,
+    )
+
+
+__all__ = ["Batch", "DaliLoader", "build_config_loader", "build_loader", "resolve_decode_device"]

@@ -14,11 +14,11 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
+from fgclip_mega.cli import setup_logging
 from fgclip_mega.config import PRESETS, Config, ConfigError, apply_cli, apply_dict, preset
 
 
@@ -101,13 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             f"error: {len(names)} --name for {len(args.checkpoint)} --checkpoint", file=sys.stderr
         )
         return 2
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    rank = setup_logging()
     from fgclip_mega.checkpoint import CheckpointError
 
     try:
@@ -140,7 +134,7 @@ def _load(cfg: Config, step_dir: Path | None, checkpoint: str, state, log):
 
 
 def evaluate_checkpoints(models: list[tuple[Config, Path | None]], names: list[str], args):
-    from fgclip_mega.data import build_loader
+    from fgclip_mega.data import build_config_loader
     from fgclip_mega.eval.collect import collect
     from fgclip_mega.eval.report import markdown_table
     from fgclip_mega.eval.suite import run_suite
@@ -154,15 +148,7 @@ def evaluate_checkpoints(models: list[tuple[Config, Path | None]], names: list[s
             t0 = time.perf_counter()
             cfg.validate(world_size=state.world_size)
             model = _load(cfg, step_dir, checkpoint, state, log)
-            loader = build_loader(
-                cfg.data,
-                cfg.model.vision.image_size,
-                cfg.model.text.short_context,
-                cfg.model.text.long_context,
-                dp_rank=state.dp_rank,
-                dp_size=state.dp_size,
-                device=state.runtime.device,
-            )
+            loader = build_config_loader(cfg, state.dp_rank, state.dp_size, state.runtime.device)
             try:
                 n = loader.shards.num_samples
                 # ceil: every sample at least once; repeats are dropped by sample id.

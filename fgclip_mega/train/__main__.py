@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-import warnings
 
+from fgclip_mega.cli import setup_logging
 from fgclip_mega.config import PRESETS, ConfigError, load_config
 
 
@@ -18,23 +16,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", help="YAML file of overrides")
     parser.add_argument("overrides", nargs="*", help="key.sub=value pairs, applied last")
     args = parser.parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format=f"%(asctime)s [rank {rank}] %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    # megatron-core logs every parameter name and its full optimizer config at INFO.
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    rank = setup_logging()
     try:
         # Every check that needs no process group or model, before the heavy imports.
         cfg = load_config(args.preset, args.config, args.overrides).check_paths()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    # megatron-core warns at import that apex/TE are absent; `python -m fgclip_mega.env` says
-    # which fallback is in use instead.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from fgclip_mega.checkpoint import CheckpointError
     from fgclip_mega.train.loop import train
 

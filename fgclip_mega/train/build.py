@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fgclip_mega.config import Config
-from fgclip_mega.data import build_loader
+from fgclip_mega.data import build_config_loader
 from fgclip_mega.objective import Objective
 from fgclip_mega.parallel import ParallelState
 from fgclip_mega.parallel.wrap import build_optimizer, build_parallel_model
@@ -69,15 +69,7 @@ def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
     optimizer, scheduler = build_optimizer(
         ddp, cfg.optim, cfg.parallel, runtime, total_steps=cfg.train.steps
     )
-    loader = build_loader(
-        cfg.data,
-        cfg.model.vision.image_size,
-        cfg.model.text.short_context,
-        cfg.model.text.long_context,
-        dp_rank=state.dp_rank,
-        dp_size=state.dp_size,
-        device=runtime.device,
-    )
+    loader = build_config_loader(cfg, state.dp_rank, state.dp_size, runtime.device)
     objective = Objective(
         cfg.loss,
         regional=cfg.train.stage == "regional",
