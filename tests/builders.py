@@ -215,3 +215,21 @@ def build_run(world, cfg):
         world, runtime=resolve_runtime(cfg, world.device, with_decode=False)
     )
     return build_training_run(cfg, state)
+
+
+# ----------------------------------------------------------------------------- raw datasets
+
+
+def write_raw(root: Path, n: int, seed: int = 0, width: int = 160, height: int = 120) -> Path:
+    """n synthetic FineHARD records as root/train.jsonl + root/images/train/*.jpg; returns the
+    jsonl path."""
+    from fgclip_mega.data.synthetic import write_raw_split
+
+    return write_raw_split(root, "train", n, seed=seed, width=width, height=height)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -28,7 +28,7 @@ from fgclip_mega.data.order import StreamOrder
 from fgclip_mega.data.pil_loader import PilLoader, pil_resized
 from fgclip_mega.data.shards import SHORT_PREFIX, open_shard_set
 from fgclip_mega.data.transforms import normalise
-from tests.test_data_helpers import read_jsonl, write_raw
+from tests.builders import read_jsonl, write_raw
 
 N, SIZE = 115, 48  # 115 = 5 shards of 23: divisible neither by the DP sizes nor by B
 TENSORS = ("images", "long_tokens", "short_tokens", "box_counts", "region_rois", "region_tokens",

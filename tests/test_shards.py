@@ -20,7 +20,7 @@ from fgclip_mega.data.shards import (
     read_marker,
     write_shard,
 )
-from tests.test_data_helpers import read_jsonl, write_raw
+from tests.builders import read_jsonl, write_raw
 
 
 def _expected(rec: dict, k: int = 10) -> dict:
