@@ -188,6 +188,27 @@ def make_rois(gen, n_img, h, w, k, scale=1.0, empty_images=(), dtype=torch.float
 # ----------------------------------------------------------------------------- training runs
 
 
+def train_config(out: Path, data: Path, steps: int, **overrides):
+    """The tiny preset cut to one layer per tower, 24 synthetic samples, micro-batch 4, a log
+    line every step; overrides as section__field=value."""
+    from fgclip_mega.config import tiny
+
+    cfg = tiny()
+    cfg.model.vision.layers = 1
+    cfg.model.text.layers = 1
+    cfg.data.micro_batch_size = 4
+    cfg.data.synthetic_num_samples = 24
+    cfg.data.synthetic_dir = str(data)
+    cfg.train.steps = steps
+    cfg.train.log_interval = 1
+    cfg.train.output_dir = str(out)
+    cfg.optim.warmup_steps = 1
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
 def tiny_run_config(tmp: Path, stage: str, dtype: str = "fp32"):
     """The tiny preset cut to one layer per tower, micro-batch 4 and 8 synthetic samples: a
     TrainingRun of it builds and steps in seconds."""
@@ -233,3 +254,14 @@ def read_jsonl(path: Path) -> list[dict]:
 
     with open(path, encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def jpeg_bytes(color="red", size=(32, 24)) -> bytes:
+    """A solid-colour JPEG file's bytes."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, "JPEG")
+    return buf.getvalue()

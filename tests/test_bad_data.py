@@ -16,12 +16,7 @@ from PIL import Image
 from fgclip_mega.data.build import build_shards
 from fgclip_mega.data.ingest import BadImage, load_image
 from fgclip_mega.data.shards import ShardReader, open_shard_set
-
-
-def _jpeg(color="red", size=(32, 24)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, "JPEG")
-    return buf.getvalue()
+from tests.builders import jpeg_bytes as _jpeg
 
 
 def _png_declaring(width: int, height: int) -> bytes:

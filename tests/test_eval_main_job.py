@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_eval import suite_on_scenes
+from tests.eval_builders import suite_on_scenes
 
 ROOT = Path(__file__).resolve().parents[1]
 

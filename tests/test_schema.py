@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _sample(key: str, n_boxes: int, k: int = 2) -> Sample:
-    from tests.test_bad_data import _jpeg
+    from tests.builders import jpeg_bytes as _jpeg
 
     s = Sample(key=key, caption=f"caption of {key}", short_caption="short", image=_jpeg(),
                width=32, height=24)  # fmt: skip

@@ -15,28 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from fgclip_mega.config import ConfigError, tiny
+from fgclip_mega.config import ConfigError
+from tests.builders import train_config as _cfg
 from tests.distributed import run_distributed
 
 PARTS = ("long", "short", "region", "hard", "loss")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _cfg(out: Path, data: Path, steps: int, **overrides):
-    cfg = tiny()
-    cfg.model.vision.layers = 1
-    cfg.model.text.layers = 1
-    cfg.data.micro_batch_size = 4
-    cfg.data.synthetic_num_samples = 24
-    cfg.data.synthetic_dir = str(data)
-    cfg.train.steps = steps
-    cfg.train.log_interval = 1
-    cfg.train.output_dir = str(out)
-    cfg.optim.warmup_steps = 1
-    for key, value in overrides.items():
-        section, name = key.split("__")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
 
 
 def _params(out: Path, step: int) -> dict:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.builders import train_config as _cfg
 from tests.distributed import run_distributed
-from tests.test_train import _cfg
 
 STEP2, STEP4 = "step_00000002", "step_00000004"
 

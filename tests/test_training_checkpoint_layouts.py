@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.builders import train_config as _cfg
 from tests.distributed import run_distributed
-from tests.test_train import _cfg
 
 CKPT = "checkpoints"
 
