@@ -133,6 +133,8 @@ class DataConfig:
     """Boxes per image used in stage 2 (extra boxes are dropped, fewer are padded)."""
     num_hard_negatives: int = 10
     """Attribute-swapped negative phrases per box."""
+    loader: Literal["auto", "dali", "pil"] = "auto"
+    """Decoder: DALI, or the PIL reference loader (same batches); auto = DALI when installed."""
     decode_device: Literal["auto", "cpu", "mixed"] = "auto"
     """DALI decode placement: mixed (nvJPEG) with CUDA, cpu otherwise."""
     num_threads: int = 2

@@ -45,7 +45,7 @@ class Runtime:
     roi_align: str
     """RoIAlign implementation: cuda, cpu (the C++ extension) or reference (pure PyTorch)."""
     decode: str
-    """DALI decode placement: mixed (nvJPEG) or cpu; '' when not resolved (no loader)."""
+    """Image decode: DALI mixed (nvJPEG) or cpu, or pil (the reference loader); '' = not asked."""
 
     def autocast(self):
         """Autocast to the compute dtype for the towers; a no-op in fp32."""
@@ -85,9 +85,12 @@ def resolve_runtime(
     compute_dtype = resolve_dtype(cfg.precision.compute_dtype, device)
     decode = ""
     if with_decode:
-        from fgclip_mega.data.loader import resolve_decode_device
+        from fgclip_mega.data.loader import resolve_decode_device, resolve_loader_kind
 
-        decode = resolve_decode_device(cfg.data.decode_device, device)
+        if resolve_loader_kind(cfg.data.loader) == "pil":
+            decode = "pil"
+        else:
+            decode = resolve_decode_device(cfg.data.decode_device, device)
     return Runtime(
         device=device,
         params_dtype=params_dtype,

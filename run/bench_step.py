@@ -197,20 +197,13 @@ def _config(args, stage: str, micro_batch: int | None, tp: int, work: Path):
 
 
 def _build_run(cfg, world):
-    import importlib.util
-
+    # data.loader=auto: the PIL reference loader where DALI is absent (the lent GPU machine).
     from fgclip_mega.runtime import resolve_runtime
     from fgclip_mega.train import build
 
     runtime = resolve_runtime(cfg, world.device, with_decode=False)
     state = dataclasses.replace(world, runtime=runtime)
-    original = build.build_loader
-    if importlib.util.find_spec("nvidia.dali") is None:  # the lent GPU machine has no DALI
-        build.build_loader = lambda *a, **k: original(*a, **{**k, "kind": "pil"})
-    try:
-        return build.build_training_run(cfg, state)
-    finally:
-        build.build_loader = original
+    return build.build_training_run(cfg, state)
 
 
 def _timed(fn, cuda: bool) -> tuple[float, float]:

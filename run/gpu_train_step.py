@@ -15,7 +15,6 @@ Without nvidia-dali (the lent GPU machine lacks it) the loader is the PIL refere
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 import json
 import math
@@ -34,19 +33,6 @@ CASES = [
     "fgclip_vit_l14_336:global",
     "fgclip_vit_l14_336:regional",
 ]
-
-
-def _loader_modules():
-    # Wherever the training code looks build_loader up (it has moved between modules).
-    import importlib
-
-    for name in ("fgclip_mega.train.build", "fgclip_mega.train.loop"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "build_loader"):
-            yield mod
 
 
 def run_case(preset: str, stage: str, args, work: Path) -> dict:
@@ -71,19 +57,11 @@ def run_case(preset: str, stage: str, args, work: Path) -> dict:
         overrides += [f"model.vision.layers={args.layers}", f"model.text.layers={args.layers}"]
     cfg = load_config(preset, None, overrides)
 
-    loader, patched = "dali", []
-    if importlib.util.find_spec("nvidia.dali") is None:
-        loader = "pil"
-        for mod in _loader_modules():
-            patched.append((mod, mod.build_loader))
-            mod.build_loader = functools.partial(mod.build_loader, kind="pil")
+    # data.loader=auto decodes with PIL where DALI is absent (the lent GPU machine).
+    loader = "dali" if importlib.util.find_spec("nvidia.dali") is not None else "pil"
     torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    try:
-        result = loop.train(cfg)
-    finally:
-        for mod, original in patched:
-            mod.build_loader = original
+    result = loop.train(cfg)
     seconds = time.perf_counter() - start
     losses = [{k: round(v, 5) for k, v in step.items()} for step in result.losses]
     finite = bool(losses) and all(math.isfinite(v) for step in losses for v in step.values())

@@ -327,3 +327,23 @@ def test_reader_module_stays_free_of_torch_and_dali():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_loader_auto_falls_back_to_pil_without_dali(monkeypatch, caplog):
+    # The lent GPU machine has no DALI: data.loader=auto takes the PIL reference loader, loudly.
+    import importlib.util
+    import logging
+
+    from fgclip_mega.data import loader as loader_mod
+
+    assert loader_mod.resolve_loader_kind("auto") == "dali"  # installed here
+    assert loader_mod.resolve_loader_kind("pil") == "pil"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        loader_mod.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name.startswith("nvidia.dali") else real(name, *a),
+    )
+    with caplog.at_level(logging.WARNING, logger="fgclip_mega.data.loader"):
+        assert loader_mod.resolve_loader_kind("auto") == "pil"
+    assert "nvidia-dali is not installed" in caplog.text

@@ -16,6 +16,8 @@ Public entry point for the trainer: `build_loader(cfg.data, image_size=..., ...)
 from __future__ import annotations
 
 import gc
+import importlib.util
+import logging
 import os
 import threading
 
@@ -29,6 +31,8 @@ from fgclip_mega.data.shards import ShardSet, open_shard_set
 from fgclip_mega.data.source import OUTPUTS, SampleSource
 from fgclip_mega.data.stream import StreamLoader
 from fgclip_mega.data.transforms import normalise, squash_u8
+
+_log = logging.getLogger(__name__)
 
 
 def dali_cuda_devices() -> int:
@@ -203,6 +207,17 @@ class DaliLoader(StreamLoader):
             gc.collect()
 
 
+def resolve_loader_kind(setting: str) -> str:
+    """'dali' or 'pil' for DataConfig.loader: auto is DALI where it is installed and the PIL
+    reference loader (the same batches, decoded by PIL) where it is not, saying so."""
+    if setting != "auto":
+        return setting
+    if importlib.util.find_spec("nvidia.dali") is not None:
+        return "dali"
+    _log.warning("nvidia-dali is not installed: data.loader=auto uses the PIL reference loader")
+    return "pil"
+
+
 def build_loader(
     cfg: DataConfig,
     image_size: int,
@@ -211,7 +226,7 @@ def build_loader(
     dp_rank: int = 0,
     dp_size: int = 1,
     device: torch.device | str = "cpu",
-    kind: str = "dali",
+    kind: str | None = None,
 ) -> StreamLoader:
     """The trainer's entry point: a DALI (or PIL reference) loader over `cfg.shards`.
 
@@ -228,6 +243,7 @@ def build_loader(
         )
         shards = open_shard_set(index)
     args = (cfg, image_size, short_context, long_context, dp_rank, dp_size)
+    kind = resolve_loader_kind(kind or cfg.loader)
     if kind == "dali":
         return DaliLoader(*args, device=device, shards=shards)
     if kind == "pil":
