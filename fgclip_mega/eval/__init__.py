@@ -1,7 +1,24 @@
 """Held-out evaluation of FG-CLIP models: metrics (metrics.py), phrase attributes (phrases.py),
-the gathered embedding set (collect.py), the suite (suite.py) and `python -m fgclip_mega.eval`."""
+the gathered embedding set (collect.py), the suite (suite.py) and `python -m fgclip_mega.eval`.
 
-from fgclip_mega.eval.collect import EvalSet, collect
-from fgclip_mega.eval.suite import evaluate, flat, run_suite, summary_of
+The public names load lazily (PEP 562), so the command line checks its arguments and sets up
+logging before the model code (and megatron-core) is imported.
+"""
 
-__all__ = ["EvalSet", "collect", "evaluate", "flat", "run_suite", "summary_of"]
+import importlib
+
+_LAZY = {
+    "EvalSet": "fgclip_mega.eval.collect",
+    "collect": "fgclip_mega.eval.collect",
+    "evaluate": "fgclip_mega.eval.suite",
+    "flat": "fgclip_mega.eval.suite",
+    "run_suite": "fgclip_mega.eval.suite",
+    "summary_of": "fgclip_mega.eval.suite",
+}
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
