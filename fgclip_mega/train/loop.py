@@ -71,18 +71,23 @@ def resume(run: TrainingRun) -> int:
     saver = ckpt.checkpointer(root, run.state, cfg.checkpoint)
     step, saved_cfg = saver.load(path, run.model, run.optimizer, run.scheduler, run.loader)
     apply_optimizer_hyperparams(run.optimizer, cfg.optim)
-    changed = {
-        f"{section}.{k}": (v, getattr(getattr(cfg, section), k))
-        for section in ("optim", "train")
-        for k, v in (saved_cfg or {}).get(section, {}).items()
-        if k in ("steps", *vars(cfg.optim)) and getattr(getattr(cfg, section), k, v) != v
-    }
+    saved_cfg = saved_cfg or {}
+    # What the config now sets differently from the checkpoint: every optimizer field and the
+    # step budget (the schedule follows the config).
+    now = {f"optim.{k}": v for k, v in vars(cfg.optim).items()}
+    now["train.steps"] = cfg.train.steps
+    changed = {}
+    for key, value in now.items():
+        section, name = key.split(".")
+        saved = saved_cfg.get(section, {}).get(name, value)
+        if saved != value:
+            changed[key] = (saved, value)
     if changed:
         log.warning(
             "resuming with changed settings (saved -> now, now applies): %s",
             ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
         )
-    if (saved_cfg or {}).get("train", {}).get("stage") == "global" and run.regional:
+    if saved_cfg.get("train", {}).get("stage") == "global" and run.regional:
         # Stage 1 -> stage 2 (FG-CLIP): the region and hard-negative temperatures start from the
         # global one learnt in stage 1, not from their untrained initial value.
         run.model.init_stage2_scales()
