@@ -185,6 +185,8 @@ class LossConfig:
     """Train the three logit scales."""
     max_logit_scale: float = 4.6052
     """Clamp of every logit scale, ln(100)."""
+    stage2_logit_scale: float | None = None
+    """Log logit scale of the region/hard-negative terms at stage 2 start; None = the global one."""
 
 
 @dataclass
@@ -234,7 +236,7 @@ class CheckpointConfig:
     load: str = ""
     """Checkpoint directory to resume from (model, optimizer, loader state)."""
     init_from: str = ""
-    """HF CLIPModel / FG-CLIP weights (safetensors or torch) to initialise the model from."""
+    """Weights to start from: a training checkpoint (weights only) or HF CLIPModel / FG-CLIP."""
     keep_last: int = 2
     """Checkpoints kept on disk; older ones are deleted after a new one is complete."""
     on_corrupt: Literal["fallback", "fail"] = "fallback"
@@ -309,6 +311,12 @@ class Config:
         for name in ("long_weight", "short_weight", "region_weight", "hard_weight"):
             _require(getattr(loss, name) >= 0, f"loss.{name}", "must be >= 0")
         _require(loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
+        start = loss.stage2_logit_scale
+        _require(
+            start is None or 0 <= start <= loss.max_logit_scale,
+            "loss.stage2_logit_scale",
+            f"must be in [0, loss.max_logit_scale={loss.max_logit_scale}], got {start}",
+        )
         _require(
             loss.kind != "sigmoid" or self.model.logit_bias_init is not None,
             "model.logit_bias_init",

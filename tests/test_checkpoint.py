@@ -220,3 +220,37 @@ def test_cli_with_unreadable_init_weights_fails_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0] and "cannot read weights" in errors[0]
+
+
+def test_init_from_a_training_checkpoint_takes_weights_only(world, tmp_path):
+    # FG-CLIP's stage 2 is a new run from stage-1 weights: init_from a training checkpoint
+    # loads its parameters (any layout), not its Adam moments or schedule position, and
+    # starts the region/hard-negative temperatures at the learnt global one.
+    import dataclasses
+
+    from fgclip_mega.checkpoint import training as ckpt
+    from tests.builders import build_run, tiny_run_config
+
+    src = build_run(world, tiny_run_config(tmp_path, "global"))
+    with torch.no_grad():
+        for p in src.model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)  # not the fresh init the new run also draws
+        src.model.logit_scale.fill_(3.1)
+    saver = ckpt.checkpointer(src.output_dir / "checkpoints", src.state, src.cfg.checkpoint)
+    saver.save(7, src.model, src.optimizer, src.scheduler, src.loader, src.cfg.to_dict())
+    saver.wait()
+
+    cfg = tiny_run_config(tmp_path, "regional")
+    cfg.checkpoint = dataclasses.replace(cfg.checkpoint, init_from=str(src.output_dir))
+    new = build_run(world, cfg.validate())
+    theirs = dict(src.model.named_parameters())
+    for name, p in new.model.named_parameters():
+        if name in ("logit_scale_finegraind", "logit_scale_hardneg"):
+            assert float(p) == pytest.approx(3.1), name
+        else:
+            assert torch.equal(p, theirs[name]), name
+    assert new.scheduler.num_steps == 0  # a fresh schedule and optimizer
+    assert not new.optimizer.optimizer.state  # no Adam moments
+
+    cfg.loss = dataclasses.replace(cfg.loss, stage2_logit_scale=4.0)
+    assert float(build_run(world, cfg.validate()).model.logit_scale_hardneg) == 4.0

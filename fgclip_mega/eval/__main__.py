@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path | None]:
-    from fgclip_mega.eval.weights import saved_config, training_checkpoint
+    from fgclip_mega.checkpoint.weights import saved_config, training_checkpoint
 
     step_dir = training_checkpoint(checkpoint)
     if step_dir is not None:
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _load(cfg: Config, step_dir: Path | None, checkpoint: str, state, log):
     from fgclip_mega.checkpoint import import_hf_state_dict
-    from fgclip_mega.eval.weights import load_training_weights
+    from fgclip_mega.checkpoint.weights import load_training_weights
     from fgclip_mega.models import FGCLIPModel
 
     model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, state.runtime, state.tp_group)

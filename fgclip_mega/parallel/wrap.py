@@ -38,11 +38,42 @@ def build_parallel_model(cfg: Config, state) -> tuple[FGCLIPModel, DistributedDa
     runtime = state.runtime
     model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, runtime, tp_group=state.tp_group)
     if cfg.checkpoint.init_from:
-        from fgclip_mega.checkpoint import import_hf_state_dict
-
-        report = import_hf_state_dict(model, cfg.checkpoint.init_from)
-        _log.info("initialised from %s (derived: %s)", cfg.checkpoint.init_from, report["derived"])
+        init_weights(model, cfg)
     return model, wrap_data_parallel(model, cfg.parallel, runtime)
+
+
+def init_weights(model: FGCLIPModel, cfg: Config) -> None:
+    """`checkpoint.init_from`: another training run's checkpoint (weights only: a fresh optimizer
+    and schedule, as FG-CLIP's stage 2 starts from stage 1) or HF CLIPModel / FG-CLIP weights."""
+    from fgclip_mega.checkpoint import import_hf_state_dict
+    from fgclip_mega.checkpoint.weights import (
+        load_training_weights,
+        saved_config,
+        training_checkpoint,
+    )
+
+    path = cfg.checkpoint.init_from
+    step_dir = training_checkpoint(path)
+    if step_dir is None:
+        report = import_hf_state_dict(model, path)
+        _log.info("initialised from %s (derived: %s)", path, report["derived"])
+        return
+    info = load_training_weights(model, step_dir)
+    _log.info("initialised from training checkpoint %s (step %d)", step_dir, info["step"])
+    saved_stage = saved_config(step_dir).get("train", {}).get("stage")
+    if saved_stage == "global" and cfg.train.stage == "regional":
+        start_stage2_temperatures(model, cfg)
+
+
+def start_stage2_temperatures(model: FGCLIPModel, cfg: Config) -> None:
+    """Stage 1 -> 2 (FG-CLIP): the region and hard-negative temperatures start from the global
+    one learnt in stage 1 (or `loss.stage2_logit_scale`), not from their untrained value."""
+    start = cfg.loss.stage2_logit_scale
+    model.init_stage2_scales(start)
+    _log.info(
+        "stage 1 -> 2: region/hard-negative temperatures start at %s",
+        "the global one" if start is None else f"exp({start:g})",
+    )
 
 
 def wrap_data_parallel(

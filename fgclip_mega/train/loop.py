@@ -18,7 +18,11 @@ import torch.distributed as dist
 from fgclip_mega.checkpoint import training as ckpt
 from fgclip_mega.config import Config
 from fgclip_mega.parallel import destroy_parallel, init_parallel
-from fgclip_mega.parallel.wrap import apply_optimizer_hyperparams, sync_params
+from fgclip_mega.parallel.wrap import (
+    apply_optimizer_hyperparams,
+    start_stage2_temperatures,
+    sync_params,
+)
 from fgclip_mega.profiling import maybe_torch_profiler
 from fgclip_mega.train.build import TrainingRun, build_training_run
 from fgclip_mega.train.evaluate import evaluate_during_training
@@ -88,10 +92,7 @@ def resume(run: TrainingRun) -> int:
             ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
         )
     if saved_cfg.get("train", {}).get("stage") == "global" and run.regional:
-        # Stage 1 -> stage 2 (FG-CLIP): the region and hard-negative temperatures start from the
-        # global one learnt in stage 1, not from their untrained initial value.
-        run.model.init_stage2_scales()
-        log.info("stage 1 -> 2: region/hard-negative temperatures start at the global one")
+        start_stage2_temperatures(run.model, cfg)
     log.info("resumed from %s at step %d", path, step)
     return step
 

@@ -1,5 +1,6 @@
-"""Model weights for evaluation: a training checkpoint (layout-free: full parameters by name, so
-any TP x DP it was saved with), or imported HF CLIPModel / FG-CLIP weights."""
+"""Model weights only, from a training checkpoint (layout-free: full parameters by name, so any
+TP x DP it was saved with): for evaluation, and for `checkpoint.init_from` (a new run from
+another run's weights with a fresh optimizer and schedule, as FG-CLIP's stage 2 starts)."""
 
 from __future__ import annotations
 
