@@ -27,7 +27,10 @@ def plot_losses(out: Path, s1: int) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    two = _records(out / "stage1") + _records(out / "stage2")
+    # Stage 2 is a new run (its steps count from 1): drawn after stage 1's s1 steps.
+    two = _records(out / "stage1") + [
+        {**r, "step": r["step"] + s1} for r in _records(out / "stage2")
+    ]
     glob = _records(out / "global_only")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
     for ax, rows, title in (
@@ -124,8 +127,9 @@ def write_report(out, walls, s1, s2, seed, held_out_seed, targets, overrides) ->
         f"# FG-CLIP main job: two-stage vs global-only ({out.name})",
         "",
         f"2 data-parallel processes (torchrun, gloo on CPU), tiny preset. Two-stage: {s1} global "
-        f"steps, then {s2} regional steps seeded from the stage-1 checkpoint (checkpoint.load: "
-        "weights, Adam moments, LR-schedule position and loader position carry over). "
+        f"steps, then {s2} regional steps as a new run from the stage-1 weights "
+        "(checkpoint.init_from: a fresh optimizer, warm-up and cosine schedule, as FG-CLIP's "
+        "stage 2 starts). "
         f"Global-only: {s1 + s2} global steps. Same batch, data and recipe otherwise.",
         f"Training scenes: data seed {seed}. Held-out scenes: seed {held_out_seed} "
         f"({results['two_stage']['sizes']['images']} images).",

@@ -5,7 +5,7 @@ import io
 import json
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from data_prep.synthetic import generate, parse_args
 from fgclip_mega.data.ingest import parse_record
@@ -168,3 +168,34 @@ def test_boxes_carry_a_fixed_margin_so_the_covered_share_encodes_size():
     assert all(len(v) >= 10 for v in share.values()), {s: len(v) for s, v in share.items()}
     assert hi["small"] < lo["medium"] and hi["medium"] < lo["large"], (lo, hi)
     assert np.mean(share["large"]) - np.mean(share["small"]) > 0.12, share
+
+
+def test_every_textured_object_shows_its_texture():
+    # Stripes 16 px apart left small objects two-tone (a small triangle's middle row was one
+    # band): at every size the generator draws (each preset's resolution), every shape's second
+    # shade covers >= 10% of it (a dot at least) and, for stripes and checks, its middle row
+    # shows both shades.
+    from fgclip_mega.data.synthetic import _outline, _texture_mask
+
+    for w, h, size in [(128, 96, 64), (500, 375, 224), (336, 252, 224)]:
+        cell = texture_cell(w, h, size)
+        short = min(w, h)
+        sides = range(
+            int(0.9 * min(SIZES.values()) * short), int(1.1 * max(SIZES.values()) * short)
+        )
+        for side in sides[::3]:
+            for shape in SHAPES:
+                canvas = Image.new("L", (side, side), 0)
+                pts = _outline(shape, side - 1)
+                draw = ImageDraw.Draw(canvas)
+                draw.ellipse([0, 0, side - 1, side - 1], fill=255) if pts is None else draw.polygon(
+                    pts, fill=255
+                )
+                inside = np.asarray(canvas) > 0
+                for texture in ("striped", "dotted", "checkered"):
+                    shade = _texture_mask(texture, side, cell)
+                    row = shade[side // 2][inside[side // 2]]
+                    where = (w, h, size, side, shape, texture)
+                    assert shade[inside].mean() >= 0.1, where
+                    if texture != "dotted":  # (a small shape's middle row may be one dot)
+                        assert (row[1:] != row[:-1]).any(), where  # both shades

@@ -8,10 +8,12 @@ change exactly one attribute of `short_expr` (FineHARD's recipe). Negatives that
 another object of the same image are excluded, so a negative is never true.
 
 Sizes follow the resolution the model trains at (`train_size`; images are squashed to
-train_size x train_size): one texture cell (a stripe, a checker square, a dot's diameter) is
-max(4, train_size / 32) pixels after that resize, so the period is >= 8 px and survives the
-antialiased squash, and the smallest object spans about two ViT patches (26% of the short side),
-so a 1x1 RoIAlign bin over its box averages textured features. Measured with a colour-aware
+train_size x train_size): one texture cell (a stripe's width, a checker square, a dot's
+diameter) is max(4, train_size / 32) pixels after that resize, so the period is >= 8 px and
+survives the antialiased squash; stripes repeat every 2 cells, so even the smallest triangle
+shows several (generator 4; before, every 4 cells: a small object could show one band); and the
+smallest object spans about two ViT patches (26% of the short side), so a 1x1 RoIAlign bin over
+its box averages textured features. Measured with a colour-aware
 nearest-centroid probe on the inner half of each box after the squash to 64 px (128x96 source,
 the tiny preset): textures separable at 95.3% with the old fixed 6-px period, see the report.
 
@@ -58,7 +60,7 @@ COLOURS = {
 SIZES = {"small": 0.26, "medium": 0.36, "large": 0.48}  # side as a fraction of min(W, H)
 BOX_MARGIN = 0.1
 """Background around each object in its box, as a fraction of the image width / height."""
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 """Bumped when the drawing changes: embedded synthetic sets built by an older one are rebuilt."""
 TRAIN_SIZE = 224
 """Default training resolution the textures are sized for (images are squashed to it)."""
@@ -144,8 +146,8 @@ def _texture_mask(texture: str, n: int, cell: int) -> np.ndarray:
     """(n, n) bool: True where the texture's second shade is drawn; features `cell` px wide."""
     yy, xx = np.mgrid[0:n, 0:n]
     period = 2 * cell
-    if texture == "striped":  # diagonal bands `cell` px wide along x and y
-        return ((xx + yy) // period) % 2 == 1
+    if texture == "striped":  # diagonal bands `cell` px wide along x and y (period 2 cells)
+        return ((xx + yy) // cell) % 2 == 1
     if texture == "dotted":  # dots of diameter `cell` on a 2-cell grid
         r = cell / 2
         return ((xx % period - period / 2) ** 2 + (yy % period - period / 2) ** 2) < r * r
