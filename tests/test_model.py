@@ -314,3 +314,58 @@ def test_flash_attention_model_matches_sdpa_on_cuda(world):
     for key in ("image", "text"):
         a, b = outs["flash"][key].float(), outs["sdpa"][key].float()
         assert max_err(a, b) < 3e-2 * b.abs().max().item(), key
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_token_table_gradient_goes_straight_into_main_grad(world, tmp_path, overlap):
+    # The token lookup's backward index-adds into megatron's main_grad (no dense (V, D) gradient)
+    # and hands autograd one dummy per backward, however many text streams used the table.
+    # Checked against F.embedding's own gradient on a copy without DDP, over two steps, with
+    # the DDP hook's gradient-ready bookkeeping on (overlap_grad_reduce, the GPU default).
+    import torch.nn.functional as F
+    from megatron.core.distributed import finalize_model_grads
+
+    from tests.builders import build_run, tiny_run_config
+
+    cfg = tiny_run_config(tmp_path, "global")
+    cfg.parallel = dataclasses.replace(cfg.parallel, overlap_grad_reduce=overlap)
+    run = build_run(world, cfg.validate())
+    model, ddp = run.model, run.ddp
+    ref = build_model(cfg.model, ParallelConfig())
+    ref.load_state_dict(model.state_dict())
+    ref.text.token_embedding.forward = lambda ids: F.embedding(ids, ref.text.token_embedding.weight)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        short = torch.randint(0, 1000, (3, 9), generator=gen)
+        long = torch.randint(0, 1000, (3, 21), generator=gen)
+        short[:, 1] = long[:, 2]  # the same token in both streams: the rows sum
+        short[:, -1] = long[:, -1] = EOS
+        w = torch.randn(2, cfg.model.projection_dim, generator=gen)
+        images = torch.randn(2, 3, 64, 64, generator=gen)
+
+        def loss(m, short=short, long=long, w=w, images=images):
+            # Every parameter takes part: megatron's overlapped reduce expects each one's hook.
+            text = m.encode_text(short), m.encode_text(long, long=True)
+            scales = sum(t.sum() for t in m.temperatures().values())
+            return (
+                (text[0] * w[0]).sum()
+                + (text[1] * w[1]).sum()
+                + m.encode_image(images).sum()
+                + scales
+            )
+
+        ddp.zero_grad_buffer()
+        loss(model).backward()
+        finalize_model_grads([ddp])
+        ref.zero_grad(set_to_none=True)
+        loss(ref).backward()
+        table = model.text.token_embedding.weight
+        assert table.grad is None  # the dummy was dropped by the DDP hook
+        expected = ref.text.token_embedding.weight.grad
+        assert expected.abs().sum() > 0
+        assert max_err(table.main_grad, expected) < 1e-6 * expected.abs().max()  # sum order
+        others = dict(ref.named_parameters())
+        for name, p in model.named_parameters():
+            if p.main_grad.abs().sum() > 0:
+                g = others[name].grad
+                assert max_err(p.main_grad, g) < 1e-5 * max(1.0, g.abs().max()), name

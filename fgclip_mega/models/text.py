@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core.model_parallel_config import ModelParallelConfig
-from megatron.core.tensor_parallel import VocabParallelEmbedding
 from torch import nn
 
 from fgclip_mega.config import TextConfig
+from fgclip_mega.models.embedding import TokenEmbedding
 from fgclip_mega.models.layers import CheckpointPolicy, Transformer, normal_init
 
 
@@ -60,7 +60,7 @@ class TextTower(nn.Module):
         self.cfg = cfg
         d = cfg.width
         # The (49408, D) table is split by vocabulary rows over TP; lookups are all-reduced.
-        self.token_embedding = VocabParallelEmbedding(
+        self.token_embedding = TokenEmbedding(
             cfg.vocab_size, d, init_method=normal_init(0.02), config=config, tp_group=tp_group
         )
         self.position_embedding = nn.Parameter(torch.randn(cfg.short_context, d) * 0.02)
