@@ -354,8 +354,8 @@ def main() -> None:
     p.add_argument("--tp", type=int, default=None, help="must equal the world size (torchrun)")
     p.add_argument("--layers", type=int, default=0, help="override both towers' layer count")
     p.add_argument("--rounds", type=int, default=None, help="default 60 on CPU, 20 on CUDA")
-    # 10: on CPU the ratio drifts over the first tens of steps (allocator warm-up: glibc raises its
-    # mmap threshold after large frees), from ~1.15 to its steady value; the first 3 misled.
+    # 10: on CPU the ratio drifted over the first tens of steps (measured 1.15 -> 1.02 over 60
+    # interleaved steps; allocator warm-up is the likely cause): 3 measured the start-up.
     p.add_argument("--warmup", type=int, default=10, help="untimed steps of each first")
     p.add_argument("--batches", type=int, default=4, help="distinct pre-built batches cycled")
     p.add_argument("--work", default=str(ROOT / "run/out/bench_step_work"))
