@@ -6,8 +6,9 @@ Runs what a cluster user runs, with 2 data-parallel processes (torchrun, gloo on
   1. stage 1 (global: image <-> long/short captions) for S1 steps;
   2. stage 2 (regional: + region <-> phrase and hard negatives) for S2 steps, a new run from
      the stage-1 weights (checkpoint.init_from: fresh optimizer, warm-up and cosine schedule, as
-     FG-CLIP's stage 2 starts; carrying stage 1's Adam moments and decayed schedule over with
-     checkpoint.load learnt the regional terms ~2x slower, measured);
+     FG-CLIP's stage 2 starts). Measured against checkpoint.load (stage 1's Adam moments and
+     schedule carried over), 240 stage-2 steps: region loss 1.1 vs 2.1 after 80 of them,
+     held-out long-caption i2t R@1 0.45 vs 0.35 at the end;
   3. a global-only run with the same total budget: S1 + S2 steps, same batch, same data;
   4. the evaluation suite on a held-out synthetic split (another data seed) for both models.
 Writes runs/<name>/report.md (side-by-side table, targets, timings), summary.json and PNGs.
@@ -30,7 +31,7 @@ TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
 
 # The recipe: one place, shared by both runs (only the stage and checkpoint.init_from differ).
 STAGE1_STEPS = 80
-STAGE2_STEPS = 240
+STAGE2_STEPS = 320
 RECIPE = [
     # The tiny preset's vision tower, deepened and at 4-px patches (16x16 tokens at 64 px): with
     # 8-px patches a small object is ~1 token and RoIAlign mixes it with the background.
@@ -48,6 +49,10 @@ RECIPE = [
     "optim.warmup_steps=10",
     "loss.region_weight=1.0",
     "loss.hard_weight=2.0",
+    # Stage 2 only (it acts at the switch): the region/hard-negative logit scales start at
+    # exp(3.9) ~ 50 instead of stage 1's ~17. Measured (seed 1234, 80 + 320 steps): held-out
+    # hard-negative accuracy 0.48 -> 0.53, pairwise texture 0.78 -> 0.80, shape 0.85 -> 0.86.
+    "loss.stage2_logit_scale=3.9",
     "train.log_interval=10",
     "train.eval_batches=0",  # the suite below evaluates, on its own held-out split
     "checkpoint.async_save=false",

@@ -47,7 +47,10 @@ def plot_losses(out: Path, s1: int) -> Path:
         ax.set_xlabel("step")
         ax.set_title(title, fontsize=10)
         ax.legend()
-    axes[0].set_ylabel("loss (per term, unweighted)")
+    # Log scale: stage 2 starts far above where it ends (the region path is untrained and its
+    # logit scale starts high), which a linear axis would let flatten everything else.
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("loss (per term, unweighted, log scale)")
     fig.tight_layout()
     path = out / "loss_by_term.png"
     fig.savefig(path, dpi=100)
