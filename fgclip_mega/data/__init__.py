@@ -6,7 +6,7 @@ The public names are imported lazily (PEP 562): DALI's spawned reader processes 
 `fgclip_mega.data.source`, which runs this file and must not pull in torch or DALI.
 """
 
-import importlib
+from fgclip_mega.lazy import lazy_exports
 
 _LAZY = {
     "Batch": "fgclip_mega.data.batch",
@@ -19,8 +19,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

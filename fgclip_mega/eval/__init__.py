@@ -5,7 +5,7 @@ The public names load lazily (PEP 562), so the command line checks its arguments
 logging before the model code (and megatron-core) is imported.
 """
 
-import importlib
+from fgclip_mega.lazy import lazy_exports
 
 _LAZY = {
     "EvalSet": "fgclip_mega.eval.collect",
@@ -17,8 +17,4 @@ _LAZY = {
 }
 __all__ = sorted(_LAZY)
 
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-import importlib
+from fgclip_mega.lazy import lazy_exports
 
 _EXPORTS = {
     "FGCLIPModel": "fgclip_mega.models.fgclip",
@@ -15,8 +15,4 @@ _EXPORTS = {
 }
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)
