@@ -13,9 +13,9 @@ diameter) is max(4, train_size / 32) pixels after that resize, so the period is 
 survives the antialiased squash; stripes repeat every 2 cells, so even the smallest triangle
 shows several (generator 4; before, every 4 cells: a small object could show one band); and the
 smallest object spans about two ViT patches (26% of the short side), so a 1x1 RoIAlign bin over
-its box averages textured features. Measured with a colour-aware
-nearest-centroid probe on the inner half of each box after the squash to 64 px (128x96 source,
-the tiny preset): textures separable at 95.3% with the old fixed 6-px period, see the report.
+its box averages textured features. Measured with a colour-aware nearest-centroid probe on the
+inner half of each box after the squash to 64 px (128x96 source, the tiny preset): textures
+separable at 95.3% with the old fixed 6-px period, see the report.
 
 Boxes are NOT tight: each carries a margin of background of BOX_MARGIN of the image's width
 (left/right) and height (top/bottom) around the drawn pixels, the same for every object. FG-CLIP's

@@ -60,14 +60,15 @@ def init_weights(model: FGCLIPModel, cfg: Config) -> None:
         return
     info = load_training_weights(model, step_dir)
     _log.info("initialised from training checkpoint %s (step %d)", step_dir, info["step"])
-    saved_stage = saved_config(step_dir).get("train", {}).get("stage")
-    if saved_stage == "global" and cfg.train.stage == "regional":
-        start_stage2_temperatures(model, cfg)
+    start_stage2_temperatures(model, cfg, saved_config(step_dir))
 
 
-def start_stage2_temperatures(model: FGCLIPModel, cfg: Config) -> None:
-    """Stage 1 -> 2 (FG-CLIP): the region and hard-negative temperatures start from the global
+def start_stage2_temperatures(model: FGCLIPModel, cfg: Config, saved_cfg: dict) -> None:
+    """Stage 1 -> 2 (FG-CLIP), when the weights come from a global run (`saved_cfg`, its config)
+    and this run is regional: the region and hard-negative temperatures start from the global
     one learnt in stage 1 (or `loss.stage2_logit_scale`), not from their untrained value."""
+    if saved_cfg.get("train", {}).get("stage") != "global" or cfg.train.stage != "regional":
+        return
     start = cfg.loss.stage2_logit_scale
     model.init_stage2_scales(start)
     _log.info(

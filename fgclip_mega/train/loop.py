@@ -91,8 +91,7 @@ def resume(run: TrainingRun) -> int:
             "resuming with changed settings (saved -> now, now applies): %s",
             ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()),
         )
-    if saved_cfg.get("train", {}).get("stage") == "global" and run.regional:
-        start_stage2_temperatures(run.model, cfg)
+    start_stage2_temperatures(run.model, cfg, saved_cfg)
     log.info("resumed from %s at step %d", path, step)
     return step
 
