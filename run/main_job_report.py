@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from fgclip_mega.eval.report import markdown_table
+from fgclip_mega.eval.report import markdown_table, weakest_changes
 from fgclip_mega.eval.suite import summary_of
 
 ATTRS = ("colour", "shape", "size", "texture")
@@ -114,6 +114,9 @@ def write_report(out, walls, s1, s2, seed, held_out_seed, targets, overrides) ->
     glob["wall_s"] = walls["global_only"]
     two["eval_wall_s"] = results["two_stage"]["wall_s"]
     glob["eval_wall_s"] = results["global_only"]["wall_s"]
+    for row, name in ((two, "two_stage"), (glob, "global_only")):
+        # [edit, pairwise accuracy, pairs, no-info]: which attribute values each model confuses.
+        row["weakest_edits"] = [list(r) for r in weakest_changes(results[name])]
     checks = check_targets(two, glob, targets)
     summary = {
         "two_stage": two,

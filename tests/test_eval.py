@@ -95,6 +95,55 @@ def test_hard_negative_and_pairwise_accuracy_by_attribute():
     assert math.isnan(M.hard_negative_accuracy(scores[:0])["all"])
 
 
+def test_pairwise_by_label_groups_pairs_and_agrees_with_pairwise_accuracy():
+    scores, attrs = _scores_case()
+    by = M.pairwise_by_label(scores, attrs)
+    pair = M.pairwise_accuracy(scores, attrs)
+    assert by == {
+        "colour": (pytest.approx((1 + 0.5 + 1) / 3), 3),
+        "shape": (pytest.approx((0 + 1 + 1) / 3), 3),
+        "size": (pytest.approx(1.0), 3),
+    }
+    assert {k: v[0] for k, v in by.items()} == pytest.approx({k: pair[k] for k in by})
+    # Finer labels split a group: box 1's second shape negative is scored apart.
+    edits = [["c", "s", "x"], ["c", "x", "y"], ["s", "s", "c"]]
+    by = M.pairwise_by_label(scores, edits)
+    assert by["x"] == (pytest.approx(0.5), 2) and by["y"] == (1.0, 1)
+    with pytest.raises(ValueError, match="labels"):
+        M.pairwise_by_label(scores, attrs[:2])
+    assert M.pairwise_by_label(scores[:0], []) == {}
+
+
+def test_weakest_changes_lists_confused_values_beside_their_no_info_level():
+    from fgclip_mega.eval.report import weakest_changes, weakest_changes_table
+
+    def edits(accs):
+        return {e: {"acc": a, "pairs": p} for e, (a, p) in accs.items()}
+
+    h = {
+        "pairwise_by_change": edits(
+            {
+                "texture: striped -> checkered": (0.5, 40),
+                "texture: plain -> dotted": (0.45, 30),
+                "colour: red -> blue": (1.0, 50),
+                "shape: star -> circle": (0.2, 5),  # too few pairs to rank
+            }
+        ),
+        "no_info": {
+            "random": {"pairwise_by_change": edits({"texture: plain -> dotted": (0.48, 30)})},
+            "mean": {"pairwise_by_change": edits({"texture: plain -> dotted": (0.52, 30)})},
+        },
+    }
+    rows = weakest_changes({"hard_negative": h}, n=2)
+    assert rows == [
+        ("texture: plain -> dotted", 0.45, 30, 0.52),
+        ("texture: striped -> checkered", 0.5, 40, None),
+    ]
+    table = weakest_changes_table({"m": {"hard_negative": h}}, n=2)
+    assert "| texture: plain -> dotted | 30 | 0.450 | 0.520 |" in table
+    assert "| texture: striped -> checkered | 40 | 0.500 | – |" in table
+
+
 def test_hard_negative_perfect_random_and_tied_models():
     g = torch.Generator().manual_seed(1)
     h, k, d = 3000, 10, 16
@@ -147,6 +196,12 @@ def test_decode_and_changed_attribute():
     for neg, want in cases.items():
         assert phrases.changed_attribute(text, neg) == want, neg
     assert phrases.phrase_attributes("a dog on a sofa") is None
+    assert phrases.changed_value(text, "a small red checkered circle") == (
+        "texture: plain -> checkered"
+    )
+    assert phrases.changed_value(text, "a large cyan plain circle") == "unknown"
+    assert phrases.attribute_of_change("texture: plain -> checkered") == "texture"
+    assert phrases.attribute_of_change("unknown") == "unknown"
 
 
 def test_negative_attributes_of_generated_records_match_the_generator():
@@ -163,6 +218,11 @@ def test_negative_attributes_of_generated_records_match_the_generator():
                 other = phrases.phrase_attributes(neg)
                 changed = [a for a in pos if pos[a] != other[a]]
                 assert changed == [attr]
+            edits = phrases.negative_changes(rows)[0]
+            assert edits == [
+                f"{a}: {pos[a]} -> {phrases.phrase_attributes(neg)[a]}"
+                for neg, a in zip(negs, got, strict=True)
+            ]
 
 
 def _suite_dp(world: int, model_kind: str):
@@ -188,6 +248,11 @@ def test_suite_perfect_model_and_dp2_equals_dp1():
     assert h["accuracy"]["all"] == 1.0
     assert set(h["pairwise"]) == {"all", "size", "colour", "texture", "shape"}
     assert all(v == 1.0 for v in h["pairwise"].values())
+    edits = h["pairwise_by_change"]
+    assert all(e["acc"] == 1.0 for e in edits.values())
+    # Every edit names its attribute and the two values; the pairs add up per attribute.
+    for attr, n in h["negatives_per_attribute"].items():
+        assert sum(e["pairs"] for k, e in edits.items() if k.startswith(attr + ":")) == n
     assert p["box_classification"]["accuracy"] == 1.0
     assert p["zero_shot"]["accuracy"] == 1.0
     # Measured no-information levels are far below the perfect model, pairwise near 1/2.

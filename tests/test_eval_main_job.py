@@ -52,6 +52,16 @@ def test_report_summary_targets_and_plots(tmp_path, report_module):
             assert key in summary[run], (run, key)
     assert set(summary["two_stage"]["pairwise_acc"]) == {"colour", "shape", "size", "texture"}
     assert summary["two_stage"]["wall_s"] == 30.0
+    # Weakest edits (here every edit has < 20 pairs, so the lists are empty; ranked with any
+    # count: the perfect model confuses nothing, the random one's worst come first).
+    from fgclip_mega.eval.report import weakest_changes
+
+    assert summary["two_stage"]["weakest_edits"] == summary["global_only"]["weakest_edits"] == []
+    perfect = weakest_changes(results["two_stage"], min_pairs=1)
+    random = weakest_changes(results["global_only"], n=100, min_pairs=1)
+    assert len(perfect) == 8 and all(row[1] == 1.0 for row in perfect)
+    assert len(random) > 20 and random[0][1] < 0.5
+    assert [row[1] for row in random] == sorted(row[1] for row in random)
     t = summary["targets"]
     # Perfect vs random: the fine-grained targets pass, with the measured values.
     gain = summary["two_stage"]["hard_neg_acc"] - summary["global_only"]["hard_neg_acc"]

@@ -90,6 +90,28 @@ def pairwise_accuracy(
     return out
 
 
+def pairwise_by_label(
+    scores: torch.Tensor, labels: list[list[str]]
+) -> dict[str, tuple[float, int]]:
+    """{label: (pairwise accuracy, number of pairs)} over (box, negative) pairs grouped by a
+    label per negative (e.g. the edit it makes), with `pairwise_accuracy`'s tie rule."""
+    if scores.shape[0] == 0:
+        return {}
+    margin = scores[:, :1] - scores[:, 1:]  # (H, K)
+    won = ((margin > 0).double() + 0.5 * (margin == 0).double()).flatten().tolist()
+    flat_labels = [c for row in labels for c in row]
+    if len(flat_labels) != len(won):
+        raise ValueError(
+            f"{len(flat_labels)} labels for {tuple(margin.shape)} (box, negative) pairs"
+        )
+    sums: dict[str, list[float]] = {}
+    for c, w in zip(flat_labels, won, strict=True):
+        acc = sums.setdefault(c, [0.0, 0])
+        acc[0] += w
+        acc[1] += 1
+    return {c: (total / n, n) for c, (total, n) in sorted(sums.items())}
+
+
 def _attribute_names(attributes: list[list[str]] | None) -> list[str]:
     if not attributes:
         return []

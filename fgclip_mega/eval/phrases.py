@@ -73,28 +73,53 @@ def phrase_attributes(text: str) -> dict[str, str] | None:
     return out
 
 
+def _single_edit(positive: str, negative: str) -> tuple[str, str, str] | None:
+    """(attribute, positive value, negative value) when the phrases differ in exactly one
+    word and both words are values of the same attribute, else None."""
+    a, b = positive.split(), negative.split()
+    if len(a) != len(b):
+        return None
+    diff = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
+    if len(diff) != 1:
+        return None
+    x, y = diff[0]
+    kind = _WORD_TO_ATTRIBUTE.get(x)
+    return (kind, x, y) if kind is not None and _WORD_TO_ATTRIBUTE.get(y) == kind else None
+
+
 def changed_attribute(positive: str, negative: str) -> str:
     """Which attribute the negative phrase changes: the attribute whose value is the only
     differing word (both words values of that attribute), else 'unknown'."""
-    a, b = positive.split(), negative.split()
-    if len(a) != len(b):
-        return UNKNOWN
-    diff = [(x, y) for x, y in zip(a, b, strict=True) if x != y]
-    if len(diff) != 1:
-        return UNKNOWN
-    x, y = diff[0]
-    kind = _WORD_TO_ATTRIBUTE.get(x)
-    return kind if kind is not None and _WORD_TO_ATTRIBUTE.get(y) == kind else UNKNOWN
+    edit = _single_edit(positive, negative)
+    return UNKNOWN if edit is None else edit[0]
+
+
+def changed_value(positive: str, negative: str) -> str:
+    """The edit as 'texture: striped -> checkered' (positive value -> negative value), else
+    'unknown': which values of an attribute a model confuses, not only which attribute."""
+    edit = _single_edit(positive, negative)
+    return UNKNOWN if edit is None else f"{edit[0]}: {edit[1]} -> {edit[2]}"
+
+
+def attribute_of_change(change: str) -> str:
+    """'texture: striped -> checkered' -> 'texture'; 'unknown' stays."""
+    return change.split(":", 1)[0]
+
+
+def negative_changes(hard_tokens: torch.Tensor) -> list[list[str]]:
+    """(H, 1+K, L) hard-negative token rows -> per box, the edit (`changed_value`) each of its K
+    negatives makes."""
+    out = []
+    for row in hard_tokens:
+        pos = decode(row[0])
+        out.append([changed_value(pos, decode(neg)) for neg in row[1:]])
+    return out
 
 
 def negative_attributes(hard_tokens: torch.Tensor) -> list[list[str]]:
     """(H, 1+K, L) hard-negative token rows -> per box, the attribute each of its K negatives
     changes."""
-    out = []
-    for row in hard_tokens:
-        pos = decode(row[0])
-        out.append([changed_attribute(pos, decode(neg)) for neg in row[1:]])
-    return out
+    return [[attribute_of_change(c) for c in row] for row in negative_changes(hard_tokens)]
 
 
 def box_class_prompts() -> list[str]:

@@ -65,6 +65,42 @@ def _rows(result: dict) -> list[tuple[str, float | None, float | None]]:
     return rows
 
 
+def weakest_changes(result: dict, n: int = 8, min_pairs: int = 20) -> list[tuple]:
+    """The n edits ('texture: striped -> checkered') with the lowest pairwise accuracy among
+    those with at least `min_pairs` (box, negative) pairs: (edit, accuracy, pairs, no-info)."""
+    h = result["hard_negative"]
+    edits = h.get("pairwise_by_change", {})
+    rows = []
+    for edit, e in edits.items():
+        if e["pairs"] < min_pairs:
+            continue
+        levels = [
+            v["pairwise_by_change"][edit]["acc"]
+            for v in h["no_info"].values()
+            if edit in v.get("pairwise_by_change", {})
+        ]
+        rows.append((edit, e["acc"], e["pairs"], max(levels) if levels else None))
+    return sorted(rows, key=lambda r: (r[1], r[0]))[:n]
+
+
+def weakest_changes_table(results: dict[str, dict], n: int = 8) -> str:
+    """Per model, its weakest edits: which attribute values it confuses."""
+    lines = []
+    for name, result in results.items():
+        rows = weakest_changes(result, n)
+        if not rows:
+            continue
+        lines += [
+            f"Weakest edits of {name} (pairwise accuracy, edits with >= 20 pairs):",
+            "",
+            "| edit (positive -> negative) | pairs | accuracy | no-info |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {e} | {p} | {_fmt(a)} | {_fmt(lv)} |" for e, a, p, lv in rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict[str, dict]) -> str:
     """Side-by-side table of nested suite results {model name: result}."""
     names = list(results)
@@ -87,4 +123,7 @@ def markdown_table(results: dict[str, dict]) -> str:
         "region (image) embedding replaced by a random vector or by the set's mean embedding, "
         "whichever scores higher (measured, not a formula)."
     )
+    weakest = weakest_changes_table(results)
+    if weakest:
+        lines += ["", weakest]
     return "\n".join(lines) + "\n"

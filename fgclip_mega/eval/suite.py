@@ -67,21 +67,26 @@ def retrieval(es: EvalSet, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, dict[s
 
 
 def hard_negatives(es: EvalSet) -> dict:
-    attrs = phrases.negative_attributes(es.hard_tokens)
-    region = es.hard_region
+    changes = phrases.negative_changes(es.hard_tokens)
+    attrs = [[phrases.attribute_of_change(c) for c in row] for row in changes]
+    scores = M.hard_negative_scores(es.hard_region, es.hard_text)
     result = {
-        "accuracy": M.hard_negative_accuracy(M.hard_negative_scores(region, es.hard_text), attrs),
-        "pairwise": M.pairwise_accuracy(M.hard_negative_scores(region, es.hard_text), attrs),
+        "accuracy": M.hard_negative_accuracy(scores, attrs),
+        "pairwise": M.pairwise_accuracy(scores, attrs),
+        # Per edit ('texture: striped -> checkered'): which values of an attribute the model
+        # confuses; an attribute's pairwise accuracy is the pair-weighted mean of its edits.
+        "pairwise_by_change": _by_change(scores, changes),
     }
     # No-information levels: the same metrics with the region embedding replaced by a vector
     # that knows nothing about the box (a random one; the mean region of the set).
     stand_ins = M.no_information_features(es.region, NO_INFO_SEED)
     result["no_info"] = {}
     for name, feats in stand_ins.items():
-        scores = M.hard_negative_scores(feats.index_select(0, es.hard_index), es.hard_text)
+        level = M.hard_negative_scores(feats.index_select(0, es.hard_index), es.hard_text)
         result["no_info"][name] = {
-            "accuracy": M.hard_negative_accuracy(scores, attrs),
-            "pairwise": M.pairwise_accuracy(scores, attrs),
+            "accuracy": M.hard_negative_accuracy(level, attrs),
+            "pairwise": M.pairwise_accuracy(level, attrs),
+            "pairwise_by_change": _by_change(level, changes),
         }
     counts: dict[str, int] = {}
     for row in attrs:
@@ -90,6 +95,11 @@ def hard_negatives(es: EvalSet) -> dict:
     result["negatives_per_attribute"] = counts
     result["boxes"] = int(es.hard_index.shape[0])
     return result
+
+
+def _by_change(scores, changes: list[list[str]]) -> dict[str, dict[str, float]]:
+    """{edit: {"acc": pairwise accuracy, "pairs": number of (box, negative) pairs}}."""
+    return {c: {"acc": a, "pairs": n} for c, (a, n) in M.pairwise_by_label(scores, changes).items()}
 
 
 def box_classification(model, es: EvalSet, runtime=None) -> dict:
