@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         progress.finished(i, walls[key], rate)
     walls["job"] = time.time() - t_job
 
+    # The report imports the eval package and with it megatron, whose import-time notices (no
+    # TE/Apex, no CUDA runtime) each run's log already states as its runtime line.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from run.main_job_report import write_report
 
     summary = write_report(out, walls, s1, s2, seed, held_out_seed, TARGETS, RECIPE + extra)
