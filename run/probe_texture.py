@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import math
 import sys
@@ -38,6 +39,8 @@ from fgclip_mega.config import Config, apply_dict  # noqa: E402
 from fgclip_mega.data import build_config_loader  # noqa: E402
 from fgclip_mega.data.synthetic import TEXTURES  # noqa: E402
 from fgclip_mega.eval.phrases import decode, phrase_attributes  # noqa: E402
+
+HELD_OUT_SAMPLES = 512  # as the main job
 
 
 def box_labels(batch) -> torch.Tensor:
@@ -77,19 +80,17 @@ def run_config(checkpoint: str) -> tuple[Config, Path]:
 
 
 def loaders(cfg: Config, held_out_dir: str, batch: int):
-    import dataclasses
-
     held = dataclasses.replace(
         cfg.data,
         seed=cfg.data.seed + 1000,
         synthetic_dir=held_out_dir,
-        synthetic_num_samples=512,
+        synthetic_num_samples=HELD_OUT_SAMPLES,
     )
     train = build_config_loader(
         cfg, 0, 1, "cpu", data=dataclasses.replace(cfg.data, micro_batch_size=batch)
     )
     test = build_config_loader(cfg, 0, 1, "cpu", data=held)
-    return train, test, math.ceil(512 / cfg.data.micro_batch_size)
+    return train, test, math.ceil(HELD_OUT_SAMPLES / held.micro_batch_size)
 
 
 def confusion(y: torch.Tensor, pred: torch.Tensor) -> dict:

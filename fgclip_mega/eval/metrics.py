@@ -73,6 +73,12 @@ def hard_negative_accuracy(
     return out
 
 
+def _won(scores: torch.Tensor) -> torch.Tensor:
+    """(H, 1+K) scores -> (H, K) float64: 1 where the positive beats that negative, 1/2 on a tie."""
+    margin = scores[:, :1] - scores[:, 1:]
+    return (margin > 0).double() + 0.5 * (margin == 0).double()
+
+
 def pairwise_accuracy(
     scores: torch.Tensor, attributes: list[list[str]] | None = None
 ) -> dict[str, float]:
@@ -80,13 +86,9 @@ def pairwise_accuracy(
     0.5 (a tie counts 1/2). 'all' and per changed attribute."""
     if scores.shape[0] == 0:
         return {"all": math.nan}
-    margin = scores[:, :1] - scores[:, 1:]  # (H, K)
-    won = (margin > 0).double() + 0.5 * (margin == 0).double()
-    out = {"all": float(won.mean())}
-    for attr in _attribute_names(attributes):
-        mask = _mask(attributes, attr, margin.shape)
-        if mask.any():
-            out[attr] = float(won[mask].mean())
+    out = {"all": float(_won(scores).mean())}
+    if attributes:
+        out.update({a: acc for a, (acc, _) in pairwise_by_label(scores, attributes).items()})
     return out
 
 
@@ -94,18 +96,16 @@ def pairwise_by_label(
     scores: torch.Tensor, labels: list[list[str]]
 ) -> dict[str, tuple[float, int]]:
     """{label: (pairwise accuracy, number of pairs)} over (box, negative) pairs grouped by a
-    label per negative (e.g. the edit it makes), with `pairwise_accuracy`'s tie rule."""
+    label per negative (an attribute, or the edit it makes), with `pairwise_accuracy`'s tie
+    rule."""
     if scores.shape[0] == 0:
         return {}
-    margin = scores[:, :1] - scores[:, 1:]  # (H, K)
-    won = ((margin > 0).double() + 0.5 * (margin == 0).double()).flatten().tolist()
+    won = _won(scores)
     flat_labels = [c for row in labels for c in row]
-    if len(flat_labels) != len(won):
-        raise ValueError(
-            f"{len(flat_labels)} labels for {tuple(margin.shape)} (box, negative) pairs"
-        )
+    if len(flat_labels) != won.numel():
+        raise ValueError(f"{len(flat_labels)} labels for {tuple(won.shape)} (box, negative) pairs")
     sums: dict[str, list[float]] = {}
-    for c, w in zip(flat_labels, won, strict=True):
+    for c, w in zip(flat_labels, won.flatten().tolist(), strict=True):
         acc = sums.setdefault(c, [0.0, 0])
         acc[0] += w
         acc[1] += 1

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 
 _ATTRS = ("colour", "shape", "size", "texture")
+MIN_PAIRS = 20
+"""Edits with fewer (box, negative) pairs are not ranked among the weakest (too noisy)."""
 
 
 def _fmt(v) -> str:
@@ -65,7 +67,7 @@ def _rows(result: dict) -> list[tuple[str, float | None, float | None]]:
     return rows
 
 
-def weakest_changes(result: dict, n: int = 8, min_pairs: int = 20) -> list[tuple]:
+def weakest_changes(result: dict, n: int = 8, min_pairs: int = MIN_PAIRS) -> list[tuple]:
     """The n edits ('texture: striped -> checkered') with the lowest pairwise accuracy among
     those with at least `min_pairs` (box, negative) pairs: (edit, accuracy, pairs, no-info)."""
     h = result["hard_negative"]
@@ -91,7 +93,7 @@ def weakest_changes_table(results: dict[str, dict], n: int = 8) -> str:
         if not rows:
             continue
         lines += [
-            f"Weakest edits of {name} (pairwise accuracy, edits with >= 20 pairs):",
+            f"Weakest edits of {name} (pairwise accuracy, edits with >= {MIN_PAIRS} pairs):",
             "",
             "| edit (positive -> negative) | pairs | accuracy | no-info |",
             "|---|---|---|---|",
