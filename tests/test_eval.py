@@ -212,13 +212,13 @@ def test_negative_attributes_of_generated_records_match_the_generator():
             if not negs:
                 continue
             rows = torch.from_numpy(tokenize([box["short_expr"], *negs], 77))[None]
-            got = phrases.negative_attributes(rows)[0]
+            edits = phrases.negative_changes(rows)[0]
+            got = phrases.attributes_of_changes([edits])[0]
             pos = phrases.phrase_attributes(box["short_expr"])
             for neg, attr in zip(negs, got, strict=True):
                 other = phrases.phrase_attributes(neg)
                 changed = [a for a in pos if pos[a] != other[a]]
                 assert changed == [attr]
-            edits = phrases.negative_changes(rows)[0]
             assert edits == [
                 f"{a}: {pos[a]} -> {phrases.phrase_attributes(neg)[a]}"
                 for neg, a in zip(negs, got, strict=True)

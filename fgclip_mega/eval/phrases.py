@@ -116,10 +116,9 @@ def negative_changes(hard_tokens: torch.Tensor) -> list[list[str]]:
     return out
 
 
-def negative_attributes(hard_tokens: torch.Tensor) -> list[list[str]]:
-    """(H, 1+K, L) hard-negative token rows -> per box, the attribute each of its K negatives
-    changes."""
-    return [[attribute_of_change(c) for c in row] for row in negative_changes(hard_tokens)]
+def attributes_of_changes(changes: list[list[str]]) -> list[list[str]]:
+    """`negative_changes`' per-box edits -> the attribute each edit changes (same layout)."""
+    return [[attribute_of_change(c) for c in row] for row in changes]
 
 
 def box_class_prompts() -> list[str]:

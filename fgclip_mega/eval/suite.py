@@ -68,7 +68,7 @@ def retrieval(es: EvalSet, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, dict[s
 
 def hard_negatives(es: EvalSet) -> dict:
     changes = phrases.negative_changes(es.hard_tokens)
-    attrs = [[phrases.attribute_of_change(c) for c in row] for row in changes]
+    attrs = phrases.attributes_of_changes(changes)
     scores = M.hard_negative_scores(es.hard_region, es.hard_text)
     result = {
         "accuracy": M.hard_negative_accuracy(scores, attrs),
