@@ -207,6 +207,8 @@ class OptimizerConfig:
     """Linear warm-up steps."""
     clip_grad: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    vision_lr_mult: float = 1.0
+    """Peak and final learning rate of the image tower and its projection, as a multiple of lr."""
 
 
 @dataclass
@@ -331,6 +333,9 @@ class Config:
         _require(o.eps > 0, "optim.eps", "must be > 0")
         _require(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
         _require(o.clip_grad >= 0, "optim.clip_grad", "must be >= 0 (0 disables clipping)")
+        _require(
+            o.vision_lr_mult > 0, "optim.vision_lr_mult", f"must be > 0, got {o.vision_lr_mult}"
+        )
         tr = self.train
         _require(tr.steps >= 1, "train.steps", f"must be >= 1, got {tr.steps}")
         for name in ("log_interval", "eval_batches", "eval_interval"):

@@ -107,7 +107,9 @@ def check_targets(two: dict, glob: dict, targets: dict) -> dict:
     }  # fmt: skip
 
 
-def write_report(out, walls, s1, s2, seed, held_out_seed, targets, overrides) -> dict:
+def write_report(
+    out, walls, s1, s2, seed, held_out_seed, targets, overrides, stage2_overrides=()
+) -> dict:
     results = json.loads((out / "eval" / "eval.json").read_text())
     two, glob = summary_of(results["two_stage"]), summary_of(results["global_only"])
     two["wall_s"] = walls["stage1"] + walls["stage2"]
@@ -141,6 +143,7 @@ def write_report(out, walls, s1, s2, seed, held_out_seed, targets, overrides) ->
         f"({results['two_stage']['sizes']['images']} images).",
         "",
         "Overrides of both runs: `" + " ".join(overrides) + "`",
+        *(["", "Stage 2 only: `" + " ".join(stage2_overrides) + "`"] if stage2_overrides else []),
         "",
         "## Targets",
         "",

@@ -135,6 +135,8 @@ def test_yaml_unknown_key_names_the_field(tmp_path):
         ("optim.lr=nan", "optim.lr"),
         ("optim.min_lr=1.0", "optim.min_lr"),
         ("optim.beta2=1.0", "optim.beta2"),
+        ("optim.vision_lr_mult=0", "optim.vision_lr_mult"),
+        ("optim.vision_lr_mult=nan", "optim.vision_lr_mult"),
         ("model.logit_scale_init=nan", "model.logit_scale_init"),
         ("model.logit_scale_init=inf", "model.logit_scale_init"),
         ("loss.region_weight=-0.1", "loss.region_weight"),

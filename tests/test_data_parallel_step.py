@@ -1,5 +1,7 @@
-"""megatron-core DDP + (distributed) optimizer steps at TP x DP equal one-process torch AdamW."""
+"""megatron-core DDP + (distributed) optimizer steps at TP x DP equal one-process torch AdamW,
+also with the image tower's own learning rate (optim.vision_lr_mult)."""
 
+import dataclasses
 import math
 
 import pytest
@@ -41,14 +43,16 @@ def _forward(p, x):
     return (h @ p["w2"].T + p["b2"]) * p["scale"]
 
 
-def _single_process_run(dp_size: int) -> dict:
+def _single_process_run(dp_size: int, vision_lr_mult: float = 1.0) -> dict:
+    """The first layer (w1, b1) plays the image tower: its rate is vision_lr_mult x the schedule
+    (peak and final rate both scaled, so the whole cosine is)."""
     params = {k: v.clone().requires_grad_(True) for k, v in _reference_params().items()}
-    decay = [params["w1"], params["w2"]]
-    no_decay = [params["b1"], params["b2"], params["scale"]]
     opt = torch.optim.AdamW(
         [
-            {"params": decay, "weight_decay": OPT.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+            {"params": [params["w1"]], "weight_decay": OPT.weight_decay, "mult": vision_lr_mult},
+            {"params": [params["w2"]], "weight_decay": OPT.weight_decay, "mult": 1.0},
+            {"params": [params["b1"]], "weight_decay": 0.0, "mult": vision_lr_mult},
+            {"params": [params["b2"], params["scale"]], "weight_decay": 0.0, "mult": 1.0},
         ],
         lr=OPT.lr,
         betas=(OPT.beta1, OPT.beta2),
@@ -56,7 +60,7 @@ def _single_process_run(dp_size: int) -> dict:
     )
     for step, x in enumerate(_batches(dp_size)):
         for group in opt.param_groups:
-            group["lr"] = _lr(step)
+            group["lr"] = _lr(step) * group["mult"]
         opt.zero_grad()
         _forward(params, x).square().mean().backward()
         torch.nn.utils.clip_grad_norm_(list(params.values()), OPT.clip_grad)
@@ -64,7 +68,9 @@ def _single_process_run(dp_size: int) -> dict:
     return {k: v.detach() for k, v in params.items()}
 
 
-def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
+def _sharded_run(
+    tp: int, distributed_optimizer: bool, overlap: bool, vision_lr_mult: float = 1.0
+) -> dict:
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
     from fgclip_mega.parallel import init_parallel
@@ -89,7 +95,8 @@ def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
     class TwoLayer(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.col = ColumnParallelLinear(
+            # Named as FGCLIPModel's image tower, which optim.vision_lr_mult selects by name.
+            self.vision = ColumnParallelLinear(
                 D_IN, D_HID, config=cfg, init_method=zeros, bias=True, gather_output=False
             )
             self.row = RowParallelLinear(
@@ -104,7 +111,7 @@ def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
             self.scale = torch.nn.Parameter(torch.tensor(0.0))
 
         def forward(self, x):
-            h, _ = self.col(x)
+            h, _ = self.vision(x)
             y, _ = self.row(torch.relu(h))
             return y * self.scale
 
@@ -112,13 +119,14 @@ def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
     ref = _reference_params()
     r, s = st.tp_rank, D_HID // tp
     with torch.no_grad():
-        model.col.weight.copy_(ref["w1"][r * s : (r + 1) * s])
-        model.col.bias.copy_(ref["b1"][r * s : (r + 1) * s])
+        model.vision.weight.copy_(ref["w1"][r * s : (r + 1) * s])
+        model.vision.bias.copy_(ref["b1"][r * s : (r + 1) * s])
         model.row.weight.copy_(ref["w2"][:, r * s : (r + 1) * s])
         model.row.bias.copy_(ref["b2"])
         model.scale.copy_(ref["scale"])
     ddp = wrap_data_parallel(model, pc, runtime)
-    opt, sched = build_optimizer(ddp, OPT, pc, runtime, total_steps=STEPS)
+    optim = dataclasses.replace(OPT, vision_lr_mult=vision_lr_mult)
+    opt, sched = build_optimizer(ddp, optim, pc, runtime, total_steps=STEPS)
     for x in _batches(st.dp_size):
         local = x[st.dp_rank * LOCAL_B : (st.dp_rank + 1) * LOCAL_B]
         ddp.zero_grad_buffer()
@@ -132,16 +140,16 @@ def _sharded_run(tp: int, distributed_optimizer: bool, overlap: bool) -> dict:
     return {
         "tp_rank": r,
         "shard": s,
-        "w1": model.col.weight.detach().clone(),
-        "b1": model.col.bias.detach().clone(),
+        "w1": model.vision.weight.detach().clone(),
+        "b1": model.vision.bias.detach().clone(),
         "w2": model.row.weight.detach().clone(),
         "b2": model.row.bias.detach().clone(),
         "scale": model.scale.detach().clone(),
     }
 
 
-def _check(results, dp_size):
-    want = _single_process_run(dp_size)
+def _check(results, dp_size, vision_lr_mult: float = 1.0):
+    want = _single_process_run(dp_size, vision_lr_mult)
     for res in results:
         r, s = res["tp_rank"], res["shard"]
         torch.testing.assert_close(res["w1"], want["w1"][r * s : (r + 1) * s], atol=1e-5, rtol=0)
@@ -155,6 +163,14 @@ def _check(results, dp_size):
 
 def test_dp2_distributed_optimizer_overlapped_matches_adamw():
     _check(run_distributed(_sharded_run, 2, 1, True, True), dp_size=2)
+
+
+def test_dp2_vision_lr_mult_matches_adamw_with_a_slower_first_layer():
+    results = run_distributed(_sharded_run, 2, 1, True, False, 0.25)
+    _check(results, dp_size=2, vision_lr_mult=0.25)
+    # The multiple changed the result: it is not the default run again.
+    default = _single_process_run(2)
+    assert (results[0]["w1"] - default["w1"]).abs().max() > 1e-3
 
 
 @pytest.mark.slow

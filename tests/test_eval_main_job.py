@@ -41,7 +41,9 @@ def test_report_summary_targets_and_plots(tmp_path, report_module):
     _metrics(tmp_path / "global_only", "global", range(1, 31))
     walls = {"stage1": 10.0, "stage2": 20.0, "global_only": 25.0, "eval": 5.0, "job": 60.0}
     targets = {"hard_neg_gain": 0.35, "pairwise_min": 0.85, "i2t_long_drop_max": 0.05}
-    summary = report_module.write_report(tmp_path, walls, 10, 20, 7, 1007, targets, ["a=1"])
+    summary = report_module.write_report(
+        tmp_path, walls, 10, 20, 7, 1007, targets, ["a=1"], ["optim.warmup_steps=5"]
+    )
 
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -73,5 +75,7 @@ def test_report_summary_targets_and_plots(tmp_path, report_module):
     assert not swapped["hard_neg_gain"]["ok"] and not swapped["pairwise_min_attribute"]["ok"]
     text = (tmp_path / "report.md").read_text()
     assert "| hard_neg_gain |" in text and "two-stage no-info" in text
+    assert "Overrides of both runs: `a=1`" in text
+    assert "Stage 2 only: `optim.warmup_steps=5`" in text
     for png in ("loss_by_term.png", "fine_grained.png"):
         assert (tmp_path / png).stat().st_size > 10_000

@@ -145,9 +145,15 @@ def build_optimizer(
         use_distributed_optimizer=parallel.use_distributed_optimizer,
     )
     no_decay = ParamKey(predicate=ParamPredicate(name="no_weight_decay", fn=skips_weight_decay))
-    optimizer = get_megatron_optimizer(
-        mcfg, [model], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)}
-    )
+    overrides = {no_decay: ParamGroupOverride(wd_mult=0.0)}
+    if optim.vision_lr_mult != 1.0:
+        # The scheduler reads each group's max_lr / min_lr, so the multiple holds through the
+        # warm-up and the cosine decay. Names are as the DDP wrapper sees them (module.vision...).
+        vision = ParamKey(name=("*vision.*", "*visual_projection.*"))
+        overrides[vision] = ParamGroupOverride(
+            max_lr=optim.lr * optim.vision_lr_mult, min_lr=optim.min_lr * optim.vision_lr_mult
+        )
+    optimizer = get_megatron_optimizer(mcfg, [model], config_overrides=overrides)
     use_foreach_adam(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
