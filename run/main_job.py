@@ -54,19 +54,18 @@ RECIPE = [
     # 0.50); loss weights 0.5 / 1.0 instead gave 0.44 and cost texture (0.81 -> 0.76).
     "model.projection_dim=128",
     "data.micro_batch_size=16",  # x 2 ranks = 32 per step
-    # 8192 scenes (was 1024; each is seen about twice over stage 2). On 1024 the region vector
-    # memorised instead of reading texture: trained directly on box texture labels
-    # (run/probe_texture.py, 1000 steps x 32) it reached 0.93 on training boxes and 0.56 held
-    # out. With 8192 the main job's held-out pairwise texture went 0.809 -> 0.842 (data seed
-    # 1234), 0.786 -> 0.802 (4321); 16384 gave 0.826 (1234), so 8192 is enough. Building
-    # them takes ~20 s of the job.
+    # 8192 scenes (was 1024; each is seen about twice over stage 2). With the old global stage
+    # (2e-3, 10 warm-up steps) the main job's held-out pairwise texture went 0.809 -> 0.842
+    # (data seed 1234), 0.786 -> 0.802 (4321); 16384 gave 0.826 (1234), so 8192 is enough.
+    # Building them takes ~24 s of the job.
     "data.synthetic_num_samples=8192",
     # Global training (stage 1 and the global-only run) at 1e-3 with a 50-step warm-up; stage 2
-    # at 2e-3 (STAGE2_ONLY). Stage 1 at 2e-3 with a 10-step warm-up left a vision tower that
-    # could hardly learn texture any more: trained directly on box texture labels at 5e-4
-    # (run/probe_texture.py, 600 steps) it reached 0.69 held out from those weights and 0.86 from
-    # fresh ones. With the gentler stage 1 (data seed 4321) stage 2 reached pairwise texture
-    # 0.91 (was 0.80), shape 0.91 (0.86), size 0.92 (0.89), i2t long R@1 0.66 (0.52).
+    # at 2e-3 (STAGE2_ONLY). Against 2e-3 with 10 warm-up steps (8192 scenes, data seeds 1234 /
+    # 4321): stage 1 ends no higher (long-caption loss 1.24 / 1.37, was 1.30 / 1.85), and stage 2
+    # from it reaches held-out pairwise texture 0.89 / 0.91 (was 0.84 / 0.80), shape 0.91 / 0.91
+    # (0.88 / 0.86); the global-only run's i2t long R@1 at seed 4321 0.58 (0.43). Why is open:
+    # the tower trained directly on box texture labels (run/probe_texture.py, 600 steps at 5e-4)
+    # reaches 0.72 held out from the new stage-1 weights, 0.69 from the old, 0.86 from fresh.
     "optim.lr=1e-3",
     "optim.warmup_steps=50",
     "loss.region_weight=1.0",
