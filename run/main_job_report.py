@@ -138,7 +138,8 @@ def write_report(
         f"steps, then {s2} regional steps as a new run from the stage-1 weights "
         "(checkpoint.init_from: a fresh optimizer, warm-up and cosine schedule, as FG-CLIP's "
         "stage 2 starts). "
-        f"Global-only: {s1 + s2} global steps. Same batch, data and recipe otherwise.",
+        f"Global-only: {s1 + s2} global steps. Same batch, data and recipe otherwise"
+        + (" (but for the stage-2-only overrides below)." if stage2_overrides else "."),
         f"Training scenes: data seed {seed}. Held-out scenes: seed {held_out_seed} "
         f"({results['two_stage']['sizes']['images']} images).",
         "",

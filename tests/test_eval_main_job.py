@@ -77,5 +77,6 @@ def test_report_summary_targets_and_plots(tmp_path, report_module):
     assert "| hard_neg_gain |" in text and "two-stage no-info" in text
     assert "Overrides of both runs: `a=1`" in text
     assert "Stage 2 only: `optim.warmup_steps=5`" in text
+    assert "recipe otherwise (but for the stage-2-only overrides below)." in text
     for png in ("loss_by_term.png", "fine_grained.png"):
         assert (tmp_path / png).stat().st_size > 10_000
