@@ -90,7 +90,9 @@ def _items(files: list[str], strip_prefix: str) -> Iterator[Item]:
                 yield source, None, str(rec)
                 continue
             try:
-                text = json.dumps(rec, ensure_ascii=False, sort_keys=True)
+                # Key order is kept (no sort_keys): short_expr_negs' dict order is record order,
+                # and sorted keys would put "10" before "2".
+                text = json.dumps(rec, ensure_ascii=False)
             except (RecursionError, ValueError) as e:
                 yield source, None, f"invalid JSON: {type(e).__name__}"
                 continue
