@@ -122,10 +122,12 @@ class FGCLIPModel(nn.Module):
         ):
             p.no_weight_decay = True
         # Every weight in params_dtype (megatron's layers are built in it; norms, embeddings and
-        # the patch conv are cast here), except the fp32 temperatures.
+        # the patch conv are cast here), except the fp32 temperatures: they get their fp32
+        # values back, since a round trip through bf16 would round them (2.6592 -> 2.65625).
+        exact = {name: p.detach().clone() for name, p in self.temperatures().items()}
         self.to(device=device, dtype=params_dtype)
-        for p in self.temperatures().values():
-            p.data = p.data.float()
+        for name, p in self.temperatures().items():
+            p.data = exact[name].to(device=p.device)
 
     @classmethod
     def from_runtime(
