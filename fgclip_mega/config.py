@@ -187,6 +187,24 @@ class LossConfig:
     """Clamp of every logit scale, ln(100)."""
     stage2_logit_scale: float | None = None
     """Log logit scale of the region/hard-negative terms at stage 2 start; None = the global one."""
+    recipe: Literal["fgclip", "fgclip2"] = "fgclip"
+    """Loss terms: FG-CLIP (long, short, region, hard) or FG-CLIP 2 (stage 2: region, tic, fgt)."""
+    tic_weight: float = 0.1
+    """FG-CLIP 2 textual intra-modal contrast of region phrases (upstream code 0.1, paper 0.1)."""
+    tic_top_k: int = 10
+    """TIC: most similar other phrases per phrase that enter its log-sum-exp."""
+    tic_duplicate_threshold: float = 0.95
+    """TIC: phrase pairs above this cosine count as duplicates and are ignored."""
+    fgt_weight: float = 0.5
+    """FG-CLIP 2 hard-negative term FGT (upstream code 0.5, paper 0.5)."""
+    fgt_all_texts_weight: float = 0.6
+    """FGT: box vs every positive and negative phrase of the rank, InfoNCE (upstream 0.6)."""
+    fgt_pair_weight: float = 3.0
+    """FGT: box vs its positive and its own negatives, (1+N)-way CE (upstream 3.0)."""
+    cmr_weight: float = 0.4
+    """FGT: cross-modal rank margin loss (upstream code 0.4 inside FGT; the paper's CMR 0.4)."""
+    cmr_max_margin: float = 10.0
+    """FGT: the running CMR margin (logit units) is clamped to [0, this]."""
 
 
 @dataclass
@@ -310,8 +328,17 @@ class Config:
         _require(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
         loss = self.loss
         _require(loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
-        for name in ("long_weight", "short_weight", "region_weight", "hard_weight"):
+        for name in (
+            "long_weight", "short_weight", "region_weight", "hard_weight", "tic_weight",
+            "fgt_weight", "fgt_all_texts_weight", "fgt_pair_weight", "cmr_weight", "cmr_max_margin",
+        ):  # fmt: skip
             _require(getattr(loss, name) >= 0, f"loss.{name}", "must be >= 0")
+        _require(loss.tic_top_k >= 1, "loss.tic_top_k", "must be >= 1")
+        _require(
+            -1 <= loss.tic_duplicate_threshold <= 1,
+            "loss.tic_duplicate_threshold",
+            "is a cosine: must be in [-1, 1]",
+        )
         _require(loss.max_logit_scale > 0, "loss.max_logit_scale", "must be > 0")
         start = loss.stage2_logit_scale
         _require(

@@ -14,12 +14,17 @@ model's learnable `logit_bias` (SigLIP).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from fgclip_mega.config import LossConfig
 from fgclip_mega.losses import global_contrastive_losses, hard_negative_loss, region_loss
+from fgclip_mega.losses.fgclip2 import (
+    fine_grained_textual_loss,
+    text_intra_contrast_loss,
+    update_margin,
+)
 from fgclip_mega.losses.scales import logit_scale_to_scale
 from fgclip_mega.objective.embeddings import Embeddings
 
@@ -30,6 +35,10 @@ class TermContext:
     """Loss settings."""
     impl: str
     """Contrastive-loss implementation resolved by the runtime."""
+    dp_group: object = None
+    """Data-parallel group of the terms that keep a DP-wide running state (FG-CLIP 2's CMR)."""
+    state: dict = field(default_factory=dict)
+    """Running loss state kept on the device between steps (FG-CLIP 2: 'cmr_margin')."""
 
 
 TermFn = Callable[[Embeddings, torch.Tensor, TermContext], tuple[torch.Tensor, int | torch.Tensor]]
@@ -39,8 +48,8 @@ TermFn = Callable[[Embeddings, torch.Tensor, TermContext], tuple[torch.Tensor, i
 class LossTerm:
     name: str
     """Log key; the weight is LossConfig.<name>_weight when that field exists."""
-    temperature: str
-    """Model temperature (log scale) that scales this term's logits."""
+    temperature: str | None
+    """Model temperature (log scale) that scales this term's logits; None = unscaled."""
     regional: bool
     """Added only in the regional stage (stage 2)."""
     default_weight: float = 1.0
@@ -65,12 +74,48 @@ def _hard(emb: Embeddings, scale: torch.Tensor, ctx: TermContext):
     return hard_negative_loss(emb.hard_region, emb.hard_text, scale, emb.hard_valid)
 
 
+def _tic(emb: Embeddings, scale: None, ctx: TermContext):
+    c = ctx.cfg
+    return text_intra_contrast_loss(emb.region_text, c.tic_top_k, c.tic_duplicate_threshold)
+
+
+def _fgt(emb: Embeddings, scale: torch.Tensor, ctx: TermContext):
+    c = ctx.cfg
+    margin = ctx.state.get("cmr_margin")
+    if margin is None:  # upstream starts its threshold at 0
+        margin = ctx.state["cmr_margin"] = torch.zeros((), device=emb.hard_region.device)
+    loss, counted, statistic = fine_grained_textual_loss(
+        emb.hard_region,
+        emb.hard_text,
+        scale,
+        margin,
+        emb.hard_valid,
+        all_texts_weight=c.fgt_all_texts_weight,
+        pair_weight=c.fgt_pair_weight,
+        cmr_weight=c.cmr_weight,
+    )
+    # The step's loss used the margin of the previous step, as upstream does.
+    update_margin(margin, statistic, c.cmr_max_margin, ctx.dp_group)
+    return loss, counted
+
+
 TERMS: tuple[LossTerm, ...] = (
     LossTerm("long", "logit_scale", regional=False, text="long_text"),
     LossTerm("short", "logit_scale", regional=False, text="short_text"),
     LossTerm("region", "logit_scale_finegraind", regional=True, default_weight=0.1, fn=_region),
     LossTerm("hard", "logit_scale_hardneg", regional=True, default_weight=0.5, fn=_hard),
 )
+
+# FG-CLIP 2 (upstream fgclip2.py): the global terms are SigLIP's sigmoid loss (loss.kind=sigmoid),
+# 'region' is its FGV InfoNCE (code weight 0.2: the fgclip2 presets set loss.region_weight), TIC
+# pushes distinct region phrases apart and FGT replaces the 1+N-way hard-negative term.
+FGCLIP2_TERMS: tuple[LossTerm, ...] = (
+    *TERMS[:3],
+    LossTerm("tic", None, regional=True, default_weight=0.1, fn=_tic),
+    LossTerm("fgt", "logit_scale_hardneg", regional=True, default_weight=0.5, fn=_fgt),
+)
+
+RECIPE_TERMS = {"fgclip": TERMS, "fgclip2": FGCLIP2_TERMS}
 
 
 def log_name(temperature: str) -> str:
@@ -103,14 +148,23 @@ class Objective:
         regional: bool,
         impl: str = "chunked",
         dp_group=None,
-        terms: tuple[LossTerm, ...] = TERMS,
+        terms: tuple[LossTerm, ...] | None = None,
     ):
         self.cfg, self.dp_group = cfg, dp_group
-        self.ctx = TermContext(cfg, impl)
+        self.ctx = TermContext(cfg, impl, dp_group)
+        terms = RECIPE_TERMS[cfg.recipe] if terms is None else terms
         self.terms = tuple(t for t in terms if regional or not t.regional)
 
+    @property
+    def state(self) -> dict[str, torch.Tensor]:
+        """Running loss state between steps (device tensors), for checkpoints."""
+        return self.ctx.state
+
+    def _scaled_temperatures(self) -> list[str]:
+        return [n for n in dict.fromkeys(t.temperature for t in self.terms) if n is not None]
+
     def temperature_names(self) -> list[str]:
-        names = list(dict.fromkeys(t.temperature for t in self.terms))
+        names = self._scaled_temperatures()
         if self.cfg.kind == "sigmoid":
             names.append("logit_bias")
         return names
@@ -122,7 +176,7 @@ class Objective:
             raise ValueError(f"the objective needs the model temperatures {missing}")
         scales = {
             n: logit_scale_to_scale(temperatures[n], cfg.max_logit_scale, learn)
-            for n in dict.fromkeys(t.temperature for t in self.terms)
+            for n in self._scaled_temperatures()
         }
         parts = {log_name(n): s.detach() for n, s in scales.items()}
         values: dict[str, torch.Tensor] = {}
@@ -153,7 +207,8 @@ class Objective:
             values.update({t.name: v for t, v in zip(group, losses, strict=True)})
         for t in self.terms:
             if t.fn is not None:
-                values[t.name], counts[t.name] = t.fn(emb, scales[t.temperature], self.ctx)
+                scale = scales.get(t.temperature) if t.temperature is not None else None
+                values[t.name], counts[t.name] = t.fn(emb, scale, self.ctx)
 
         total = sum(t.weight(cfg) * values[t.name].float() for t in self.terms)
         parts.update({n: v.detach().float().reshape(()) for n, v in values.items()})
