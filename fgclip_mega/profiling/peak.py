@@ -54,8 +54,11 @@ def gpu_peak_flops(device_name: str, dtype: torch.dtype | str = torch.bfloat16) 
 @functools.cache
 def measured_cpu_peak_flops(size: int = 1024, repeats: int = 5) -> float:
     """Best fp32 matmul FLOP/s of this process's torch threads over `repeats` timed runs."""
-    a = torch.randn(size, size)
-    b = torch.randn(size, size)
+    # A private generator: the trainer measures after restoring a checkpoint's RNG state, and
+    # drawing from the global one there would shift a resumed run's random stream.
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen)
+    b = torch.randn(size, size, generator=gen)
     out = torch.empty(size, size)
     torch.mm(a, b, out=out)  # warm-up: thread pool, allocation
     best = math.inf
