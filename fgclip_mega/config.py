@@ -247,6 +247,12 @@ class TrainConfig:
     """Steps between evaluations; 0 evaluates once, at the end."""
     profile_dir: str = ""
     """Write a torch.profiler Chrome trace of a few early steps (rank 0) here; empty = off."""
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(
+        default_factory=lambda: ["jsonl"]
+    )
+    """Metric sinks (rank 0, step as x-axis); metrics.jsonl is always written (plots, resume)."""
+    wandb_project: str = "fgclip_mega"
+    """W&B project of a run with 'wandb' in train.loggers (WANDB_MODE=offline works offline)."""
 
 
 @dataclass
@@ -367,6 +373,7 @@ class Config:
         _require(tr.steps >= 1, "train.steps", f"must be >= 1, got {tr.steps}")
         for name in ("log_interval", "eval_batches", "eval_interval"):
             _require(getattr(tr, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
+        _require(len(set(tr.loggers)) == len(tr.loggers), "train.loggers", f"repeats: {tr.loggers}")
         c = self.checkpoint
         _require(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0 (0 = at the end)")
         _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -462,6 +469,15 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{name}: {value!r} matches none of {tp}")
+    if origin is list:
+        # YAML/CLI give a list ([jsonl, wandb]); a string is split at commas (jsonl,wandb).
+        items = value
+        if isinstance(value, str):
+            items = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(items, (list, tuple)):
+            raise ConfigError(f"{name}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(items)]
     if tp is type(None):
         if value is None or value in ("null", "None"):
             return None

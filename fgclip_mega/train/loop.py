@@ -114,7 +114,11 @@ def run_training(run: TrainingRun) -> TrainResult:
     cfg, state = run.cfg, run.state
     rank0 = state.rank == 0
     step = first_step = resume(run)
-    metrics = MetricsLogger(run.output_dir, cfg.train.steps, enabled=rank0, resume_step=step)
+    metrics = MetricsLogger(
+        run.output_dir, cfg.train.steps, enabled=rank0, resume_step=step,
+        loggers=cfg.train.loggers, wandb_project=cfg.train.wandb_project,
+        run_config=cfg.to_dict(),
+    )  # fmt: skip
     losses: list[dict[str, float]] = []
     evals: list[dict[str, float]] = []
     last_ckpt, preempted = "", False
@@ -176,6 +180,7 @@ def run_training(run: TrainingRun) -> TrainResult:
     final = losses[-1] if losses else metrics.last_record()
     if not evals and metrics.last_eval():
         evals.append(metrics.last_eval())
+    metrics.close()  # (an exception before here: the sinks close at exit)
     if rank0:
         plot = metrics.plot()
         if plot:

@@ -8,6 +8,8 @@ import logging
 import time
 from pathlib import Path
 
+from fgclip_mega.train.sinks import Sinks, open_sinks
+
 log = logging.getLogger("fgclip_mega.train")
 
 
@@ -44,7 +46,19 @@ class Throughput:
 
 
 class MetricsLogger:
-    def __init__(self, output_dir: Path, total_steps: int, enabled: bool, resume_step: int = 0):
+    """metrics.jsonl (always) and the sinks of `loggers` (TensorBoard, W&B: train/sinks.py), all
+    written by the rank that is `enabled` (rank 0)."""
+
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        enabled: bool,
+        resume_step: int = 0,
+        loggers: list[str] | tuple[str, ...] = (),
+        wandb_project: str = "fgclip_mega",
+        run_config: dict | None = None,
+    ):
         self.total_steps = total_steps
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -54,9 +68,16 @@ class MetricsLogger:
         self._last_t = self._t0
         self._last_samples = 0
         self._samples = 0
+        self.last_logged = 0  # the highest step in metrics.jsonl before the resume cut it
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._drop_records_after(resume_step)
+        self.sinks = Sinks([])
+        if enabled and any(name != "jsonl" for name in loggers):
+            self.sinks = open_sinks(
+                list(loggers), self.path.parent, resume_step, self.last_logged, wandb_project,
+                run_config,
+            )  # fmt: skip
 
     def _drop_records_after(self, step: int) -> None:
         # After a resume the steps past the checkpoint are trained again: keep the file in order.
@@ -66,8 +87,11 @@ class MetricsLogger:
         kept = []
         for line in self.path.read_text().splitlines():
             try:
-                if line.strip() and json.loads(line)["step"] <= step:
-                    kept.append(line)
+                if line.strip():
+                    at = json.loads(line)["step"]
+                    self.last_logged = max(self.last_logged, at)
+                    if at <= step:
+                        kept.append(line)
             except (json.JSONDecodeError, KeyError, TypeError):
                 log.warning("%s: dropping an unreadable line (an interrupted write)", self.path)
         records = [json.loads(line) for line in kept]
@@ -117,6 +141,7 @@ class MetricsLogger:
         self.records.append(record)
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.sinks.log(step, "train", record)
         parts = " ".join(f"{k}={v:.4f}" for k, v in values.items() if k != "lr")
         speed = f"{rate:.1f} samples/s"
         if flops:
@@ -139,7 +164,12 @@ class MetricsLogger:
             return
         with self.path.open("a") as fh:
             fh.write(json.dumps({"step": step, "eval": values}) + "\n")
+        self.sinks.log(step, "eval", values)
         log.info("eval at step %d: %s", step, " ".join(f"{k}={v:.3f}" for k, v in values.items()))
+
+    def close(self) -> None:
+        """Finishes the sinks (the W&B run, the TensorBoard writer); metrics.jsonl is closed."""
+        self.sinks.close()
 
     def plot(self, path: Path | None = None) -> Path | None:
         if not self.enabled or not self.records:
