@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core.model_parallel_config import ModelParallelConfig
 from megatron.core.tensor_parallel import (
     ColumnParallelLinear,
@@ -90,10 +91,25 @@ def normal_init(std: float):
     return lambda w: nn.init.normal_(w, mean=0.0, std=std)
 
 
-def layer_norm(width: int, eps: float, sequence_parallel: bool) -> nn.LayerNorm:
+class LayerNorm(nn.LayerNorm):
+    """A LayerNorm whose output has its weights' dtype, under autocast too.
+
+    CUDA autocast runs layer_norm in fp32 and returns fp32 (CPU autocast leaves it alone): with
+    bf16 weights that made the residual stream, the activations saved for backward and the
+    sequence-parallel all-gathers fp32. The kernel accumulates in fp32 whatever its dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.weight.dtype)  # a no-op when the stream already has the weights' dtype
+        if not torch.is_autocast_enabled(x.device.type):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def layer_norm(width: int, eps: float, sequence_parallel: bool = False) -> LayerNorm:
     """A LayerNorm; under sequence parallelism each TP rank sees only its slice of the tokens,
     so its grads are partial and megatron's finalize_model_grads all-reduces params marked so."""
-    norm = nn.LayerNorm(width, eps=eps)
+    norm = LayerNorm(width, eps=eps)
     if sequence_parallel:
         for p in norm.parameters():
             p.sequence_parallel = True

@@ -9,7 +9,7 @@ from torch import nn
 
 from fgclip_mega.config import TextConfig
 from fgclip_mega.models.embedding import TokenEmbedding
-from fgclip_mega.models.layers import CheckpointPolicy, Transformer, normal_init
+from fgclip_mega.models.layers import CheckpointPolicy, Transformer, layer_norm, normal_init
 
 
 def stretch_positions(old: torch.Tensor, keep: int, new_len: int) -> torch.Tensor:
@@ -83,7 +83,7 @@ class TextTower(nn.Module):
             backend=backend,
             checkpointing=checkpointing,
         )
-        self.final_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.final_norm = layer_norm(d, cfg.layer_norm_eps)
 
     def positions(self, n: int, long: bool) -> torch.Tensor:
         """(n, D) position embeddings of a caption of n tokens."""

@@ -8,7 +8,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from fgclip_mega.config import VisionConfig
-from fgclip_mega.models.layers import CheckpointPolicy, Transformer
+from fgclip_mega.models.layers import CheckpointPolicy, Transformer, layer_norm
 
 
 class VisionTower(nn.Module):
@@ -28,7 +28,7 @@ class VisionTower(nn.Module):
         self.class_embedding = nn.Parameter(torch.randn(d) * d**-0.5)
         self.position_embedding = nn.Parameter(torch.randn(g * g + 1, d) * 0.02)
         nn.init.normal_(self.patch_embed.weight, std=0.02)
-        self.pre_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.pre_norm = layer_norm(d, cfg.layer_norm_eps)
         self.transformer = Transformer(
             d,
             cfg.heads,
@@ -41,7 +41,7 @@ class VisionTower(nn.Module):
             backend=backend,
             checkpointing=checkpointing,
         )
-        self.post_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.post_norm = layer_norm(d, cfg.layer_norm_eps)
 
     def forward(
         self, images: torch.Tensor, with_dense: bool = False
