@@ -168,7 +168,8 @@ def test_build_reports_culprits_and_keeps_the_rest(raw, tmp_path):
         progress=False,
     )
     on_disk = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert on_disk == report
+    # report.json leaves out what differs between runs (so rebuilds give the same bytes)
+    assert on_disk == {k: v for k, v in report.items() if k not in ("seconds", "reused_shards")}
 
     shard_set = open_shard_set(tmp_path / "out")
     keys = [k for p in shard_set.paths for k in ShardReader(p).keys()]

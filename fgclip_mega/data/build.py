@@ -1,11 +1,29 @@
 """FineHARD JSON(L) + image folder -> zarr v3 shards, multiprocess, resumable, validated.
 
-Input records are taken in order (files sorted) and cut into chunks of `shard_size` records;
-chunk i becomes shard i. A shard is finished once its completion marker exists. Each marker
-carries a content hash of its chunk (the input records' bytes, their verdicts from this process,
-and the content parameters): a rerun reuses exactly the shards whose hash matches and rebuilds
-the others, so an edited record rebuilds its shard and an interrupted build finishes to the same
-result as an uninterrupted one. Image files are not hashed (edit an image: use a fresh `out`).
+Layout. Each record has a key: its f_path (after `strip_prefix`), or its source 'file:line' when
+it has no usable f_path. A stable hash of the key puts the record in one of `buckets` buckets
+(`build_store.bucket_of`). Each bucket's records, in input order (files sorted), are cut into
+chunks of `shard_size`; chunk c of bucket b becomes shard `bucket_shard_name(b, c)`. With the
+default `buckets=1` this is the plain layout: chunk i of the input is shard-00000i.
+
+Partitioned builds. Part I of N (`part`, `num_parts`) builds the buckets
+`part_buckets(I, N, buckets)` and nothing else: every part reads all annotations (JSON only; it
+opens only its own images) and keeps the records whose key hashes into its range. Shards depend
+only on the input and the content parameters (buckets included), never on N or on which machine
+ran a part, so parts built anywhere and merged (`merge.merge_parts`) give the same bytes as one
+process building everything. An unpartitioned build is part 0 of 1 followed by the merge.
+Duplicates of an f_path share its key, hence its bucket and its part: the duplicate check needs
+no coordination. Memory: up to `shard_size` pending records per owned bucket (their JSON text),
+plus every key seen (~100 bytes per record).
+
+Resume. A shard is finished once its completion marker exists. Each marker carries a content
+hash of its chunk (the input records' bytes, their verdicts, and the content parameters): a
+rerun reuses exactly the shards whose hash matches and rebuilds the others, so an edited record
+rebuilds its shard and an interrupted part finishes to the same result as an uninterrupted one.
+A part writes its buckets' manifests (buckets/bucket-NNNNN.json) only when all their shards are
+finished, and deletes them when it starts: a part killed midway leaves its buckets missing, and
+the merge refuses to run until it is rerun. Image files are not hashed (edit an image: use a
+fresh `out`).
 
 Invalid input never stops the build; every culprit is listed in OUT/report.json with its key,
 source line and reason:
@@ -18,8 +36,8 @@ source line and reason:
     declared pixels), or undecodable (full PIL decode);
   - a bad box (not numbers, NaN, x2 < x1, outside [0, 1] beyond the tolerance) is dropped from
     its record; bad hard negatives are dropped from their box.
-OUT/index.json (sample counts per shard) and OUT/report.json are written last, atomically.
-Memory: the duplicate check keeps every f_path seen (~100 bytes per record).
+OUT/report.json and OUT/index.json (index last) are written by the merge, atomically; neither
+holds timings, so they are the same bytes for the same input.
 """
 
 from __future__ import annotations
@@ -29,13 +47,22 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import re
 import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict
-from pathlib import Path
 
+from fgclip_mega.data.build_store import (
+    BUILD_NAME,
+    CONTENT_PARAMS,
+    DEFAULTS,
+    BuildStore,
+    bucket_manifest_name,
+    bucket_of,
+    bucket_shard_name,
+    part_buckets,
+)
 from fgclip_mega.data.ingest import (
     BOX_TOLERANCE,
     BadImage,
@@ -48,73 +75,56 @@ from fgclip_mega.data.ingest import (
     parse_record,
     resolve_image,
 )
-from fgclip_mega.data.shards import (
-    SHORT_PREFIX,
-    atomic_write_json,
-    read_marker,
-    shard_name,
-    write_index,
-    write_shard,
-)
-
-BUILD_NAME = "build.json"
-# Parameters that change shard contents; a rerun with different values needs a fresh out dir.
-CONTENT_PARAMS = (
-    "annotations",
-    "images",
-    "shard_size",
-    "num_negatives",
-    "max_boxes",
-    "max_side",
-    "quality",
-    "strip_prefix",
-    "short_prefix",
-    "box_tolerance",
-)
+from fgclip_mega.data.merge import merge_parts, summarise
+from fgclip_mega.data.shards import INDEX_NAME, SHORT_PREFIX, write_shard
+from fgclip_mega.data.worker_guard import guard_worker
 
 # An item handed to a worker: (source 'file:line', record JSON text or None, reason to reject
 # it or None).
 Item = tuple[str, str | None, str | None]
 
 
-def _items(files: list[str], strip_prefix: str) -> Iterator[Item]:
-    """Every input record in order, as JSON text, or with the reason it is rejected already.
+def record_key(rec: object, source: str, strip_prefix: str) -> str:
+    """The key that places a record in its bucket: f_path without the prefix, else the source."""
+    f_path = rec.get("f_path") if isinstance(rec, dict) else None
+    if isinstance(f_path, str) and f_path:
+        return f_path.removeprefix(strip_prefix)
+    return source
 
-    Runs in the main process: it sees all records, so it rejects later duplicates of an f_path.
-    Records travel to workers as JSON text (cheap to send, no deep-structure pickling).
+
+def _items(
+    files: list[str], strip_prefix: str, buckets: int, owned: range
+) -> Iterator[tuple[int, Item]]:
+    """(bucket, item) of every input record in an owned bucket, in input order.
+
+    Runs in the main process: it sees all records of its buckets, and duplicates of an f_path
+    share a bucket, so it rejects later duplicates. Records travel to workers as JSON text (cheap
+    to send, no deep-structure pickling).
     """
     seen: set[str] = set()
     for path in files:
         for source, rec in iter_records(path):
+            key = record_key(rec, source, strip_prefix)
+            bucket = bucket_of(key, buckets)
+            if bucket not in owned:
+                continue
             if isinstance(rec, BadRecord):
-                yield source, None, str(rec)
+                yield bucket, (source, None, str(rec))
                 continue
             try:
                 # Key order is kept (no sort_keys): short_expr_negs' dict order is record order,
                 # and sorted keys would put "10" before "2".
                 text = json.dumps(rec, ensure_ascii=False)
             except (RecursionError, ValueError) as e:
-                yield source, None, f"invalid JSON: {type(e).__name__}"
+                yield bucket, (source, None, f"invalid JSON: {type(e).__name__}")
                 continue
-            f_path = rec.get("f_path") if isinstance(rec, dict) else None
-            if isinstance(f_path, str) and f_path:
-                key = f_path.removeprefix(strip_prefix)
+            if key != source:  # the record names an f_path
                 if key in seen:
-                    yield source, text, f"duplicate f_path: {key!r} appeared in an earlier record"
+                    reason = f"duplicate f_path: {key!r} appeared in an earlier record"
+                    yield bucket, (source, text, reason)
                     continue
                 seen.add(key)
-            yield source, text, None
-
-
-def _chunks(items: Iterator, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+            yield bucket, (source, text, None)
 
 
 def chunk_hash(chunk: list[Item], params: dict) -> str:
@@ -136,9 +146,9 @@ def _key_of(text: str | None, strip_prefix: str) -> str | None:
     return f_path.removeprefix(strip_prefix) if isinstance(f_path, str) and f_path else None
 
 
-def _build_one(task: tuple[int, list[Item], dict, str]) -> dict:
+def _build_one(task: tuple[str, list[Item], dict, str]) -> dict:
     """Worker: one chunk of records -> one shard; returns its completion marker."""
-    index, items, p, digest = task
+    name, items, p, digest = task
     samples, problems = [], []
     for source, text, reason in items:
         key = _key_of(text, p["strip_prefix"]) or source  # named even if rejected
@@ -172,7 +182,7 @@ def _build_one(task: tuple[int, list[Item], dict, str]) -> dict:
         "problems": [asdict(pr) for pr in problems],
     }
     return write_shard(
-        Path(p["out"]) / shard_name(index),
+        BuildStore(p["out"]).path(name),
         samples,
         p["num_negatives"],
         p["short_prefix"],
@@ -192,57 +202,54 @@ def _count_records(files: list[str]) -> int | None:
     return total
 
 
-def _check_params(out: Path, params: dict) -> None:
+def check_params(store: BuildStore, params: dict) -> None:
     """Refuses a rerun with other content parameters; rewrites a missing or corrupt build.json.
 
     A corrupt build.json (an interrupted write by an older version) is safe to replace: every
     shard marker's hash covers the content parameters, so no shard built with other parameters
     is reused.
     """
-    path = out / BUILD_NAME
     old = None
-    if path.is_file():
-        try:
-            with open(path, encoding="utf-8") as fh:
-                old = json.load(fh)
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            print(
-                f"[build_shards] {path} is corrupt ({type(e).__name__}: {e}); rewriting it. "
-                "Shards are reused only where their content hash matches.",
-                file=sys.stderr,
-            )
-            old = None
+    try:
+        old = store.read_json(BUILD_NAME)
+        if old is not None and not isinstance(old, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        print(
+            f"[build_shards] {store.path(BUILD_NAME)} is corrupt ({type(e).__name__}: {e}); "
+            "rewriting it. Shards are reused only where their content hash matches.",
+            file=sys.stderr,
+        )
+        old = None
     if old is not None:
-        changed = {k: (old.get(k), params[k]) for k in CONTENT_PARAMS if old.get(k) != params[k]}
+        changed = {
+            k: (old.get(k, DEFAULTS.get(k)), params[k])
+            for k in CONTENT_PARAMS
+            if old.get(k, DEFAULTS.get(k)) != params[k]
+        }
         if changed:
             raise SystemExit(
-                f"{out} was built with other parameters {changed} (old, new); "
+                f"{store} was built with other parameters {changed} (old, new); "
                 "use a fresh --out or the old parameters"
             )
+        if set(old) != set(params):  # written by an older version: same values, new fields
+            store.write_json(BUILD_NAME, params)
     else:
-        atomic_write_json(path, params)
+        store.write_json(BUILD_NAME, params)
 
 
-def _summarise(markers: list[dict], total_records: int, dt: float) -> dict:
-    problems = [pr for m in markers for pr in m["problems"]]
-    skipped = [pr for pr in problems if pr["kind"] != "box"]
-    box_notes = [pr for pr in problems if pr["kind"] == "box"]
-    # Reason category = text before the first ':', box indices folded: "bbox_info[].bbox ...".
-    reasons = collections.Counter(
-        re.sub(r"\[\d+\]", "[]", pr["reason"].split(":")[0]) for pr in problems
-    )
-    return {
-        "records": total_records,
-        "samples": sum(m["num_samples"] for m in markers),
-        "boxes": sum(m["num_boxes"] for m in markers),
-        "skipped_records": len(skipped),
-        "box_problems": len(box_notes),
-        "reasons": dict(reasons.most_common()),
-        "seconds": round(dt, 2),
-        "problems": problems,
-    }
+def _check_layout(shard_size: int, workers: int, buckets: int, part: int, num_parts: int) -> None:
+    if shard_size < 1 or workers < 1:
+        raise ValueError(f"shard_size={shard_size}, workers={workers}: need >= 1")
+    if buckets < 1:
+        raise ValueError(f"buckets={buckets}: need >= 1")
+    if not 1 <= num_parts <= buckets:
+        raise ValueError(
+            f"num_parts={num_parts} with buckets={buckets}: need 1 <= num_parts <= buckets "
+            "(choose --buckets once for the data set, at least the most parts you will run)"
+        )
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part={part}: need 0 <= part < num_parts={num_parts}")
 
 
 def build_shards(
@@ -260,61 +267,103 @@ def build_shards(
     box_tolerance: float = BOX_TOLERANCE,
     progress: bool = True,
     index_meta: dict | None = None,
+    buckets: int = 1,
+    part: int = 0,
+    num_parts: int = 1,
 ) -> dict:
-    """Builds (or finishes) the shard set in `out`; returns the report (also in report.json).
+    """Builds (or finishes) the shards of part `part` of `num_parts` in `out`; returns the report.
 
+    With num_parts=1 the part is the whole input and the merge follows (report.json and
+    index.json written); otherwise run `merge.merge_parts` once every part has finished.
     `index_meta` is merged into index.json (e.g. the generation parameters of synthetic data).
     """
     from tqdm import tqdm
 
-    if shard_size < 1 or workers < 1:
-        raise ValueError(f"shard_size={shard_size}, workers={workers}: need >= 1")
+    _check_layout(shard_size, workers, buckets, part, num_parts)
     params = {
-        k: v for k, v in locals().items() if k not in ("workers", "progress", "index_meta", "tqdm")
+        "annotations": os.path.abspath(annotations),
+        "images": os.path.abspath(images),
+        "shard_size": shard_size,
+        "num_negatives": num_negatives,
+        "max_boxes": max_boxes,
+        "max_side": max_side,
+        "quality": quality,
+        "strip_prefix": strip_prefix,
+        "short_prefix": short_prefix,
+        "box_tolerance": box_tolerance,
+        "buckets": buckets,
     }
-    params["annotations"] = os.path.abspath(annotations)
-    params["images"] = os.path.abspath(images)
     if not os.path.isdir(images):
         raise FileNotFoundError(f"image folder {images} does not exist")
     files = input_files(annotations)
     if not files:
         raise FileNotFoundError(f"no .json/.jsonl annotation files in {annotations}")
-    out_dir = Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _check_params(out_dir, params)
+    store = BuildStore(out)
+    store.create()
+    check_params(store, params)
+    owned = part_buckets(part, num_parts, buckets)
+    # This part's buckets are unfinished until it ends; the index is stale until the merge.
+    for b in owned:
+        store.remove(bucket_manifest_name(b))
+    store.remove(INDEX_NAME)
     t0 = time.time()
-    bar = tqdm(total=_count_records(files), unit="rec", desc="shards", disable=not progress)
-    markers: dict[int, dict] = {}
+    total = _count_records(files)
+    if total is not None and num_parts > 1:
+        total = round(total * len(owned) / buckets)  # expected share of this part
+    bar = tqdm(total=total, unit="rec", desc=f"part {part}/{num_parts}", disable=not progress)
+    markers: dict[tuple[int, int], dict] = {}
     reused = 0
+    task_params = {**params, "out": str(store)}
 
-    def tasks() -> Iterator[tuple[int, list[Item], dict, str]]:
+    def tasks() -> Iterator[tuple[tuple[int, int], tuple[str, list[Item], dict, str]]]:
         nonlocal reused
-        for i, chunk in enumerate(_chunks(_items(files, strip_prefix), shard_size)):
+        pending: dict[int, list[Item]] = {b: [] for b in owned}
+        next_chunk = dict.fromkeys(owned, 0)
+
+        def emit(b: int) -> Iterable:
+            nonlocal reused
+            chunk, pending[b] = pending[b], []
+            c = next_chunk[b]
+            next_chunk[b] += 1
+            name = bucket_shard_name(b, c, buckets)
             digest = chunk_hash(chunk, params)
-            done = read_marker(out_dir / shard_name(i))
+            done = store.marker(name)
             if done and done.get("input_hash") == digest:
-                markers[i] = done
+                markers[b, c] = done
                 reused += 1
                 bar.update(len(chunk))
-                continue
-            yield i, chunk, {**params, "out": str(out_dir)}, digest
+                return
+            yield (b, c), (name, chunk, task_params, digest)
+
+        for b, item in _items(files, strip_prefix, buckets, owned):
+            pending[b].append(item)
+            if len(pending[b]) == shard_size:
+                yield from emit(b)
+        for b in owned:
+            if pending[b]:
+                yield from emit(b)
 
     ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(workers) if workers > 1 else None
+    pool = None
+    if workers > 1:
+        # Workers die with this process (SIGKILL included): a rerun never races an orphan
+        # still writing the same shard.
+        main_thread = threading.current_thread() is threading.main_thread()
+        pool = ctx.Pool(workers, initializer=guard_worker, initargs=(os.getpid(), main_thread))
     pending: collections.deque = collections.deque()
 
     def finish_oldest() -> None:
-        i, n, result = pending.popleft()
-        markers[i] = result.get() if pool else result
+        bc, n, result = pending.popleft()
+        markers[bc] = result.get() if pool else result
         bar.update(n)
         bar.set_postfix(
             shards=len(markers), problems=sum(len(m["problems"]) for m in markers.values())
         )
 
     try:
-        for task in tasks():
+        for bc, task in tasks():
             result = pool.apply_async(_build_one, (task,)) if pool else _build_one(task)
-            pending.append((task[0], len(task[1]), result))
+            pending.append((bc, len(task[1]), result))
             # At most 2 chunks per worker in flight: memory stays bounded on huge inputs.
             while len(pending) >= 2 * workers:
                 finish_oldest()
@@ -328,23 +377,49 @@ def build_shards(
         pool.close()
         pool.join()
     bar.close()
-    ordered = [markers[i] for i in sorted(markers)]
-    shards = [
-        {"path": shard_name(i), "num_samples": m["num_samples"], "num_boxes": m["num_boxes"]}
-        for i, m in sorted(markers.items())
-    ]
-    total_records = sum(m["records"] for m in ordered)
-    report = _summarise(ordered, total_records, time.time() - t0)
-    report["reused_shards"] = reused
-    atomic_write_json(out_dir / "report.json", report)
-    meta = {"num_negatives": num_negatives, "short_prefix": short_prefix, **(index_meta or {})}
-    write_index(out_dir, shards, meta)
-    rate = total_records / max(report["seconds"], 1e-9)
+    _write_bucket_manifests(store, owned, markers, buckets)
+    ordered = [markers[bc] for bc in sorted(markers)]
+    if num_parts == 1:
+        report = merge_parts(out, index_meta=index_meta)
+    else:
+        report = summarise(ordered)
+    dt = time.time() - t0
+    report = {**report, "reused_shards": reused, "seconds": round(dt, 2)}
     if progress:
+        what = "" if num_parts == 1 else f"part {part}/{num_parts} (buckets {owned.start}-"
+        what += "" if num_parts == 1 else f"{owned.stop - 1} of {buckets}): "
+        rate = report["records"] / max(dt, 1e-9)
         print(
-            f"[build_shards] {report['samples']}/{total_records} records -> {len(shards)} shards "
-            f"({reused} reused) in {report['seconds']} s ({rate:.0f} rec/s); "
-            f"{report['skipped_records']} skipped, {report['box_problems']} box problems "
-            f"-> {out_dir / 'report.json'}"
+            f"[build_shards] {what}{report['samples']}/{report['records']} records -> "
+            f"{len(ordered)} shards ({reused} reused) in {dt:.1f} s ({rate:.0f} rec/s); "
+            f"{report['skipped_records']} skipped, {report['box_problems']} box problems"
+            + (f" -> {store.path('report.json')}" if num_parts == 1 else "; merge when all end")
         )
     return report
+
+
+def _write_bucket_manifests(
+    store: BuildStore, owned: range, markers: dict[tuple[int, int], dict], buckets: int
+) -> None:
+    """One manifest per owned bucket (empty ones too: the merge sees the bucket was built)."""
+    by_bucket: dict[int, list[tuple[int, dict]]] = {b: [] for b in owned}
+    for (b, c), m in sorted(markers.items()):
+        by_bucket[b].append((c, m))
+    for b in owned:
+        shards = [
+            {
+                "path": bucket_shard_name(b, c, buckets),
+                "num_samples": m["num_samples"],
+                "num_boxes": m["num_boxes"],
+                "records": m["records"],
+                "input_hash": m["input_hash"],
+            }
+            for c, m in by_bucket[b]
+        ]
+        manifest = {
+            "bucket": b,
+            "buckets": buckets,
+            "records": sum(s["records"] for s in shards),
+            "shards": shards,
+        }
+        store.write_json(bucket_manifest_name(b), manifest)

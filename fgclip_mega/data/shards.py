@@ -369,6 +369,7 @@ def open_shard_set(path: str | Path) -> ShardSet:
 # readers in DALI's worker processes need neither.
 _BUILD_API = {
     "build_shards": "fgclip_mega.data.build",  # annotations + images -> shards
+    "merge_parts": "fgclip_mega.data.merge",  # parts of a partitioned build -> one index
     "write_raw_split": "fgclip_mega.data.synthetic",  # synthetic annotations + images
 }
 
