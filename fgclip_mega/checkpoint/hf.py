@@ -268,24 +268,46 @@ def export_hf_state_dict(
     layout "fgclip" includes FG-CLIP's extras, "clip" is loadable by transformers' CLIPModel.
     With `grads`, exports the parameters' .grad instead (zeros where a grad is None); under
     sequence parallelism reduce the `sequence_parallel` params' grads over TP first."""
-    if layout not in ("fgclip", "clip"):
-        raise ValueError(f"layout must be 'fgclip' or 'clip', got {layout!r}")
-    mapping = key_map(model.cfg)
-    if layout == "clip" and model.cfg.logit_bias_init is not None:
-        raise CheckpointError(
-            f"layout 'clip' (transformers CLIPModel) has no {_BIAS}: export layout 'fgclip'"
-        )
-    out: dict[str, torch.Tensor] = {}
+    _check_layout(model.cfg, layout)
+    full: dict[str, torch.Tensor] = {}
     for name, param in model.named_parameters():
         if layout == "clip" and name in EXTRAS:
             continue
         local = param.detach()
         if grads:
             local = param.grad if param.grad is not None else torch.zeros_like(param)
-        full = unshard(local, param, model.tp_group).cpu()
-        keys = mapping[name]
-        for key, part in zip(
-            keys, full.chunk(len(keys), dim=0) if len(keys) > 1 else [full], strict=True
-        ):
+        full[name] = unshard(local, param, model.tp_group).cpu()
+    return hf_state_from_full(full, model.cfg, layout)
+
+
+def _check_layout(cfg: ModelConfig, layout: str) -> None:
+    if layout not in ("fgclip", "clip"):
+        raise ValueError(f"layout must be 'fgclip' or 'clip', got {layout!r}")
+    if layout == "clip" and cfg.logit_bias_init is not None:
+        raise CheckpointError(
+            f"layout 'clip' (transformers CLIPModel) has no {_BIAS}: export layout 'fgclip'"
+        )
+
+
+def hf_state_from_full(
+    full: dict[str, torch.Tensor], cfg: ModelConfig, layout: str = "fgclip"
+) -> dict[str, torch.Tensor]:
+    """Our full (unsharded) parameters by name -> the HF-layout state dict, without a model or
+    process group (a training checkpoint's model.pt holds exactly these). Layout as in
+    `export_hf_state_dict`; a name missing from `full` or unknown to the key map raises."""
+    _check_layout(cfg, layout)
+    mapping = key_map(cfg)
+    wanted = {n for n in mapping if not (layout == "clip" and n in EXTRAS)}
+    missing, unexpected = sorted(wanted - set(full)), sorted(set(full) - set(mapping))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights do not match the model config: missing {_listing(missing)}, "
+            f"unexpected {_listing(unexpected)}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(wanted):
+        keys, tensor = mapping[name], full[name]
+        parts = tensor.chunk(len(keys), dim=0) if len(keys) > 1 else [tensor]
+        for key, part in zip(keys, parts, strict=True):
             out[key] = part.clone()
     return out
