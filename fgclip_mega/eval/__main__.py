@@ -1,4 +1,5 @@
 """python -m fgclip_mega.eval --checkpoint DIR [--data INDEX | --synthetic-seed N] [key=value ...]
+   python -m fgclip_mega.eval --task NAME --data PATH --checkpoint DIR [...]  (public benchmarks)
 
 Evaluates a training checkpoint (any TP x DP it was saved with) or imported HF CLIPModel /
 FG-CLIP weights on a held-out set, distributed over data-parallel ranks when started with
@@ -32,9 +33,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--preset",
-        default="fgclip_vit_b16",
+        default=None,
         choices=sorted(PRESETS),
-        help="model config for HF weights (training checkpoints carry their own)",
+        help="model config for HF weights (default fgclip_vit_b16; a checkpoint's config.json "
+        "fills the shape and must agree with a preset named here; training checkpoints carry "
+        "their own)",
     )
     p.add_argument("--data", default="", help="held-out shard index; empty = synthetic")
     p.add_argument(
@@ -56,10 +59,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path | None]:
+DEFAULT_PRESET = "fgclip_vit_b16"
+
+
+def model_config(
+    checkpoint: str, preset_name: str | None, overrides: list[str]
+) -> tuple[Config, Path | None]:
+    """The run's config for `checkpoint`: a training checkpoint's saved config, or for HF weights
+    the preset (default fgclip_vit_b16) with the shape read from the checkpoint's config.json
+    when it has one; a preset named on the command line and key=value overrides may only agree
+    with config.json (else ConfigError naming the field). Overrides applied last."""
+    from fgclip_mega.checkpoint.hf_config import (
+        model_fields_from_hf,
+        read_hf_config,
+        reconcile_model_config,
+    )
     from fgclip_mega.checkpoint.weights import saved_config, training_checkpoint
 
     step_dir = training_checkpoint(checkpoint)
+    hf_config = None
     if step_dir is not None:
         cfg = Config()
         saved = saved_config(step_dir)
@@ -71,11 +89,27 @@ def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path 
     else:
         if not Path(checkpoint).exists():
             raise ConfigError(f"--checkpoint {checkpoint}: no such file or directory")
-        cfg = preset(args.preset)
+        cfg = preset(preset_name or DEFAULT_PRESET)
+        hf_config = read_hf_config(checkpoint)
     # The eval run's layout is its own: TP from the overrides (default 1), DP = world / TP.
     cfg.parallel.tensor_parallel_size = 1
     cfg.parallel.sequence_parallel = False
-    apply_cli(cfg, args.overrides)
+    apply_cli(cfg, overrides)
+    if hf_config is not None:
+        where = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+        source = str(where / "config.json")
+        fields = model_fields_from_hf(hf_config, source)
+        explicit = {f: f"--preset {preset_name}" for f in fields} if preset_name else {}
+        for pair in overrides:
+            key = pair.split("=", 1)[0].strip()
+            if key in fields:
+                explicit[key] = f"override {pair}"
+        reconcile_model_config(cfg, fields, explicit, source)
+    return cfg, step_dir
+
+
+def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path | None]:
+    cfg, step_dir = model_config(checkpoint, args.preset, args.overrides)
     seed = seed if seed is not None else cfg.data.seed + 1000
     cfg.data = dataclasses.replace(
         cfg.data,
@@ -94,6 +128,12 @@ def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path 
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--task" or a.startswith("--task=") for a in argv):
+        # A public benchmark in its own format (fgclip_mega/eval/benchmarks/cli.py).
+        from fgclip_mega.eval.benchmarks.cli import main as benchmark_main
+
+        return benchmark_main(argv)
     args = _parser().parse_args(argv)
     names = args.name or [f"model{i}" for i in range(len(args.checkpoint))]
     if len(names) != len(args.checkpoint):

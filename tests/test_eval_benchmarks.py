@@ -1,0 +1,355 @@
+"""`python -m fgclip_mega.eval --task ...` on tiny fixtures in each benchmark's real format:
+every score equals the same protocol computed from an independent reference (transformers'
+CLIPModel, torchvision's roi_align in upstream's grid units, open_clip's tokenizer), the same
+numbers at 1 and 2 DP ranks, and bad input gives one clear error or a counted skip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tests import benchmark_fixtures as F
+from tests.distributed import run_distributed
+
+TASKS = ("fgovd", "coco-boxcls", "lvis-boxcls", "lvis-crop", "sharegpt4v", "dci", "docci",
+         "coco", "flickr30k", "imagenet", "imagenet-v2")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    images = F.write_images(root / "photos")
+    ckpt = F.write_checkpoint(root / "ckpt")
+    retrieval = F.write_retrieval(root, images)
+    files = {
+        "fgovd": {"data": F.write_fgovd(root / "coco", images), "image_root": root / "coco"},
+        "coco-boxcls": {"data": F.write_instances(root / "coco", images),
+                        "image_root": root / "coco" / "val2017"},
+        "lvis-boxcls": {"data": F.write_instances(root / "lvis", images, lvis=True),
+                        "image_root": root / "lvis" / "lvis_images"},
+        "imagenet": {"data": F.write_imagenet(root, images), "image_root": None},
+        "imagenet-v2": {"data": F.write_imagenet(root, images, v2=True), "image_root": None},
+        **retrieval,
+    }  # fmt: skip
+    files["lvis-crop"] = files["lvis-boxcls"]
+    return SimpleNamespace(root=root, ckpt=ckpt, ref=F.Reference(ckpt), files=files, results={})
+
+
+def argv_of(b, task: str, out: Path) -> list[str]:
+    f = b.files[task]
+    name = {"lvis-crop": "lvis-boxcls", "imagenet-v2": "imagenet"}.get(task, task)
+    argv = ["--task", name, "--data", str(f["data"]), "--checkpoint", str(b.root / "ckpt"),
+            "--out", str(out), "--batch-size", "3"]  # fmt: skip
+    if f["image_root"] is not None:
+        argv += ["--image-root", str(f["image_root"])]
+    if task.startswith("imagenet"):
+        argv += ["--classnames", str(b.root / "classnames.txt")]
+    if task == "lvis-crop":
+        argv += ["--box-features", "crop"]
+    return argv
+
+
+def run_main(argv: list[str]) -> int:
+    from fgclip_mega.eval.__main__ import main
+
+    return main(argv)
+
+
+def result(b, task: str) -> dict:
+    """The task's JSON at DP=1 (run once per module)."""
+    if task not in b.results:
+        out = b.root / "out1" / task
+        assert run_main(argv_of(b, task, out)) == 0
+        name = {"lvis-crop": "lvis-boxcls", "imagenet-v2": "imagenet"}.get(task, task)
+        b.results[task] = json.loads((out / f"{name}.json").read_text())
+    return b.results[task]
+
+
+# ----------------------------------------------------------------------------- FG-OVD
+
+
+def test_fgovd_levels_match_the_reference_with_counted_skips(bench):
+    r = result(bench, "fgovd")
+    assert set(r["levels"]) == {"hard", "medium"}
+    ref = bench.ref
+    for level, fname in (
+        ("hard", "h_attributes_llava.jsonl"),
+        ("medium", "m_attributes_llava.jsonl"),
+    ):
+        lines = [
+            json.loads(x)
+            for x in (bench.files["fgovd"]["data"] / fname).read_text().split("\n")
+            if x
+        ]
+        hits = n = few = 0
+        chance = 0.0
+        for it in lines:
+            path = bench.files["fgovd"]["image_root"] / it["img_path"]
+            x, y, w, h = it["bbox"]
+            from PIL import Image
+
+            W, H = Image.open(path).size
+            if not it["neg_expression"] or x + w > W + 1 or y + h > H + 1:
+                continue
+            texts = it["pos_expression"] + it["neg_expression"]
+            s = F.unit(ref.texts(texts)) @ F.unit(ref.region(path, it["bbox"]))
+            hits += bool(s[0] >= s[1:].max())
+            n += 1
+            few += len(texts) - 1 < 10
+            chance += 1 / len(texts)
+        got = r["levels"][level]
+        if level == "medium":
+            assert 0 < hits < n, "a fixture where the score is neither 0 nor 1"
+        assert (got["items"], got["accuracy"]) == (n, hits / n), level
+        assert got["items_with_fewer_than_10_negatives"] == few
+        assert got["chance_mean_1_over_1_plus_negatives"] == pytest.approx(chance / n)
+        assert 0 <= got["no_info_random_features_accuracy"] <= 1
+    skipped = r["levels"]["hard"]["skipped"]
+    assert skipped["empty_negatives"]["count"] == 1
+    assert skipped["box_outside_image_or_empty"]["count"] == 1
+    assert r["levels"]["hard"]["items_with_fewer_than_10_negatives"] == 1
+    assert r["protocol"]["text_length"] == 77 and r["protocol"]["resize"] == "squash"
+
+
+# ----------------------------------------------------------------------------- boxes
+
+
+def _box_reference(b, task: str, crop: bool) -> tuple[float, int, int]:
+    data = json.loads(Path(b.files[task]["data"]).read_text())
+    lvis = "lvis" in task
+    cats = sorted(data["categories"], key=lambda c: c["id"]) if lvis else data["categories"]
+    names = [c["name"].replace("_", " ") if lvis else c["name"] for c in cats]
+    index = {c["id"]: i for i, c in enumerate(cats)}
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    cls = torch.stack([
+        F.unit(F.unit(b.ref.texts([t(n) for t in OPENAI_IMAGENET_TEMPLATES])).mean(0))
+        for n in names
+    ])  # fmt: skip
+    files = {im["id"]: im.get("file_name") or im["coco_url"].rsplit("/", 1)[1]
+             for im in data["images"]}  # fmt: skip
+    hits = n = skipped = 0
+    for ann in data["annotations"]:
+        if ann["bbox"][2] <= 0 or ann["bbox"][3] <= 0:
+            skipped += 1
+            continue
+        path = Path(b.files[task]["image_root"]) / files[ann["image_id"]]
+        feat = b.ref.image(path, ann["bbox"]) if crop else b.ref.region(path, ann["bbox"])
+        hits += int((F.unit(feat) @ cls.T).argmax()) == index[ann["category_id"]]
+        n += 1
+    return hits / n, n, skipped
+
+
+@pytest.mark.parametrize("task", ["coco-boxcls", "lvis-boxcls", "lvis-crop"])
+def test_box_classification_matches_the_reference(bench, task):
+    r = result(bench, task)
+    acc, n, skipped = _box_reference(bench, task, crop=task == "lvis-crop")
+    assert r["boxes"] == n and r["metrics"]["top1"] == acc
+    assert r["skipped"]["box_outside_image_or_empty"]["count"] == skipped
+    assert r["classes"] == len(F.INSTANCE_CLASSES) and "top5" in r["metrics"]
+    assert r["protocol"]["box_features"] == ("crop" if task == "lvis-crop" else "roi")
+    if task == "coco-boxcls":
+        assert r["crowd_boxes_included"] == 1
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def _recall(sims: torch.Tensor, right: list[set[int]], k: int) -> float:
+    """Loop reference: a hit when fewer than k wrong candidates score >= the best right one."""
+    hits = 0
+    for i, row in enumerate(sims.tolist()):
+        best = max(row[j] for j in right[i])
+        wrong = sum(1 for j, s in enumerate(row) if j not in right[i] and s >= best)
+        hits += wrong < k
+    return hits / len(right)
+
+
+def _pairs(b, task: str) -> list[tuple[Path, list[str]]]:
+    f = b.files[task]
+    data = Path(f["data"])
+    if task == "sharegpt4v":
+        rows = json.loads(data.read_text())[:1000]
+        return [(Path(f["image_root"]) / r["image"].split("/")[-1],
+                 [r["conversations"][1]["value"]]) for r in rows]  # fmt: skip
+    if task == "dci":
+        recs = [json.loads(p.read_text()) for p in sorted(data.glob("*.json"))]
+        return [(Path(f["image_root"]) / r["image"], [r["extra_caption"]]) for r in recs]
+    if task == "docci":
+        recs = [json.loads(x) for x in data.read_text().split("\n") if x]
+        return [(data.parent / "images" / r["image_file"], [r["description"]])
+                for r in recs if r["split"] == "test"]  # fmt: skip
+    if task == "coco":
+        d = json.loads(data.read_text())
+        caps = {}
+        for a in d["annotations"]:
+            caps.setdefault(a["image_id"], []).append(a["caption"])
+        files = {im["id"]: im["file_name"] for im in d["images"]}
+        return [(Path(f["image_root"]) / files[k], caps[k][:5]) for k in sorted(files)]
+    d = json.loads(data.read_text())
+    return [(Path(f["image_root"]) / im["filename"], [s["raw"] for s in im["sentences"]][:5])
+            for im in d["images"] if im["split"] == "test"]  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["sharegpt4v", "dci", "docci", "coco", "flickr30k"])
+def test_retrieval_matches_the_reference(bench, task):
+    r = result(bench, task)
+    pairs = _pairs(bench, task)
+    length = 248 if task in ("sharegpt4v", "dci", "docci") else 77
+    images = F.unit(torch.stack([bench.ref.image(p) for p, _ in pairs]))
+    texts = [t for _, caps in pairs for t in caps]
+    owner = [i for i, (_, caps) in enumerate(pairs) for _ in caps]
+    sims = images @ F.unit(bench.ref.texts(texts, length)).T  # (N, M)
+    want = {}
+    for k in (1, 5, 10):
+        want[f"i2t_r{k}"] = _recall(sims, [{j for j, o in enumerate(owner) if o == i}
+                                           for i in range(len(pairs))], k)  # fmt: skip
+        want[f"t2i_r{k}"] = _recall(sims.T, [{o} for o in owner], k)
+    assert r["metrics"] == want
+    assert 0 < want["i2t_r1"] < 1 or 0 < want["t2i_r1"] < 1
+    assert (r["images"], r["texts"]) == (len(pairs), len(texts))
+    assert r["protocol"]["text_length"] == length
+
+
+# ----------------------------------------------------------------------------- zero-shot
+
+
+@pytest.mark.parametrize("task", ["imagenet", "imagenet-v2"])
+def test_zero_shot_matches_the_reference(bench, task):
+    from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES
+
+    r = result(bench, task)
+    cls = torch.stack([
+        F.unit(F.unit(bench.ref.texts([t(n) for t in OPENAI_IMAGENET_TEMPLATES])).mean(0))
+        for n in F.IMAGENET_CLASSES
+    ])  # fmt: skip
+    folder = Path(bench.files[task]["data"])
+    hits = n = 0
+    for label, d in enumerate(sorted(p for p in folder.iterdir())):
+        for img in sorted(d.iterdir()):
+            hits += int((F.unit(bench.ref.image(img)) @ cls.T).argmax()) == label
+            n += 1
+    assert r["images"] == n and r["metrics"] == {"top1": hits / n}
+    assert r["layout"] == ("imagenet-v2" if task == "imagenet-v2" else "imagenet")
+    assert r["protocol"]["templates"] == "openai"
+
+
+# ----------------------------------------------------------------------------- DP = 2
+
+
+def _all_tasks_dp(argvs: dict[str, list[str]]) -> dict:
+    out = {}
+    for task, argv in argvs.items():
+        assert run_main(argv) == 0, task
+    return out
+
+
+@pytest.mark.slow
+def test_every_task_gives_the_same_numbers_at_2_ranks(bench):
+    single = {t: result(bench, t) for t in TASKS}
+    argvs = {t: argv_of(bench, t, bench.root / "out2" / t) for t in TASKS}
+    run_distributed(_all_tasks_dp, 2, argvs, timeout=900)
+    for t in TASKS:
+        name = {"lvis-crop": "lvis-boxcls", "imagenet-v2": "imagenet"}.get(t, t)
+        two = json.loads((bench.root / "out2" / t / f"{name}.json").read_text())
+        assert two["layout"]["dp"] == 2 and single[t]["layout"]["dp"] == 1
+        for key in ("metrics", "levels", "skipped", "boxes", "images", "texts"):
+            assert two.get(key) == single[t].get(key), (t, key)
+        assert (bench.root / "out2" / t / f"{name}.md").is_file()
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def test_missing_image_fails_naming_it_or_is_counted(bench, tmp_path, capsys):
+    f = bench.files["fgovd"]
+    lines = (f["data"] / "m_attributes_llava.jsonl").read_text().split("\n")
+    gone = json.loads(lines[0])
+    gone["img_path"] = "val2017/not_there.jpg"
+    (tmp_path / "m_attributes_llava.jsonl").write_text(json.dumps(gone) + "\n" + "\n".join(lines))
+    argv = ["--task", "fgovd", "--data", str(tmp_path), "--image-root", str(f["image_root"]),
+            "--checkpoint", str(bench.root / "ckpt"), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert run_main(argv) == 2
+    assert "not_there.jpg: image file not found" in capsys.readouterr().err
+    assert run_main([*argv, "--skip-missing-images"]) == 0
+    r = json.loads((tmp_path / "o" / "fgovd.json").read_text())["levels"]["medium"]
+    assert r["skipped"]["missing_image"]["count"] == 1
+    assert r["items"] == len([x for x in lines if x])
+
+
+def test_class_without_a_prompt_is_an_error(bench, tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("tabby cat\n\nspace shuttle\n")
+    argv = ["--task", "imagenet", "--data", str(bench.files["imagenet"]["data"]),
+            "--classnames", str(names), "--checkpoint", str(bench.root / "ckpt"),
+            "--out", str(tmp_path)]  # fmt: skip
+    assert run_main(argv) == 2
+    assert "names.txt:2: empty class name (class 1 has no prompt)" in capsys.readouterr().err
+    data = json.loads(Path(bench.files["lvis-boxcls"]["data"]).read_text())
+    data["categories"][1]["name"] = ""
+    bad = tmp_path / "lvis_bad.json"
+    bad.write_text(json.dumps(data))
+    argv = [
+        "--task",
+        "lvis-boxcls",
+        "--data",
+        str(bad),
+        "--checkpoint",
+        str(bench.root / "ckpt"),
+        "--image-root",
+        str(bench.files["lvis-boxcls"]["image_root"]),
+        "--out",
+        str(tmp_path),
+    ]
+    assert run_main(argv) == 2
+    assert "class 1 has no name, so no prompt: ''" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+def test_config_json_fills_the_shape_and_a_disagreeing_preset_fails_naming_the_field(
+    bench, tmp_path, capsys
+):
+    from fgclip_mega.config import ConfigError
+    from fgclip_mega.eval.__main__ import model_config
+
+    cfg, _ = model_config(str(bench.root / "ckpt"), None, [])
+    small = F.small_config()
+    assert cfg.model.vision == small.vision and cfg.model.text.heads == small.text.heads
+    assert cfg.model.projection_dim == small.projection_dim
+    # A checkpoint whose config says 8 text heads (the rest as the tiny preset) refuses the
+    # 4-head tiny preset, naming that field alone.
+    from fgclip_mega.checkpoint import clip_config
+    from fgclip_mega.config import PRESETS
+
+    config = clip_config(PRESETS["tiny"]().model).to_dict()
+    config["text_config"]["num_attention_heads"] = 8
+    (tmp_path / "eight").mkdir()
+    (tmp_path / "eight" / "config.json").write_text(json.dumps(config, default=str))
+    (tmp_path / "eight" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError) as err:
+        model_config(str(tmp_path / "eight"), "tiny", [])
+    msg = str(err.value)
+    assert "model.text.heads=4 (--preset tiny) but text_config.num_attention_heads=8" in msg
+    assert msg.count(" but ") == 1, msg
+    tiny_default, _ = model_config(str(tmp_path / "eight"), None, [])  # no preset named
+    assert tiny_default.model.text.heads == 8 and tiny_default.model.vision.image_size == 64
+    with pytest.raises(ConfigError, match=r"model\.vision\.layer_norm_eps=0\.001 \(override"):
+        model_config(str(bench.root / "ckpt"), None, ["model.vision.layer_norm_eps=1e-3"])
+    model_config(str(bench.root / "ckpt"), None, ["model.text.heads=4"])  # agrees: fine
+    config = json.loads((bench.root / "ckpt" / "config.json").read_text())
+    config["vision_config"]["hidden_act"] = "gelu"
+    (tmp_path / "gelu").mkdir()
+    (tmp_path / "gelu" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "gelu" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ConfigError, match="vision_config.hidden_act='gelu'"):
+        model_config(str(tmp_path / "gelu"), None, [])
+    argv = ["--task", "dci", "--data", str(bench.files["dci"]["data"]), "--preset", "tiny",
+            "--checkpoint", str(tmp_path / "eight"), "--out", str(tmp_path)]  # fmt: skip
+    assert run_main(argv) == 2
+    assert "model.text.heads=4 (--preset tiny)" in capsys.readouterr().err
