@@ -21,6 +21,11 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 from fgclip_mega.config import Config, OptimizerConfig, ParallelConfig
 from fgclip_mega.models.layers import megatron_config
 from fgclip_mega.parallel import cpu_compat
+from fgclip_mega.parallel.optim_kernels import (
+    adam_kernel_for,
+    select_adam_kernel,
+    use_foreach_param_copy,
+)
 
 if TYPE_CHECKING:
     from fgclip_mega.models import FGCLIPModel
@@ -129,7 +134,8 @@ def build_optimizer(
     total_steps: int,
 ):
     """AdamW through megatron-core (mixed precision with fp32 main params when the weights are
-    bf16), linear warm-up then cosine decay."""
+    bf16), linear warm-up then cosine decay. On CUDA the update is torch's fused AdamW kernel;
+    the main -> model param copy is one multi-tensor copy (parallel/optim_kernels.py)."""
     bf16 = runtime.params_dtype == torch.bfloat16
     mcfg = McoreOptimizerConfig(
         optimizer="adam",
@@ -154,7 +160,8 @@ def build_optimizer(
             max_lr=optim.lr * optim.vision_lr_mult, min_lr=optim.min_lr * optim.vision_lr_mult
         )
     optimizer = get_megatron_optimizer(mcfg, [model], config_overrides=overrides)
-    use_foreach_adam(optimizer)
+    select_adam_kernel(optimizer, adam_kernel_for(runtime.device))
+    use_foreach_param_copy(optimizer)
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0 if optim.warmup_steps else optim.lr,
@@ -175,24 +182,18 @@ def build_optimizer(
     return optimizer, scheduler
 
 
-def use_foreach_adam(optimizer) -> None:
-    """torch Adam (megatron's optimizer without apex/TE) defaults to its multi-tensor (foreach)
-    kernels only when every param is on a GPU; on CPU it loops over params in Python, ~12 ops
-    each. The foreach path gives bitwise the same update. Fused/apex optimizers are left alone."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
-            continue
-        for group in inner.param_groups:
-            if not group.get("fused") and not group.get("capturable"):
-                group["foreach"] = True
-
-
 def apply_optimizer_hyperparams(optimizer, optim: OptimizerConfig) -> None:
     """After loading optimizer state: the config's betas/eps win over the checkpoint's
     (torch restores them with the param groups); lr and weight decay come from the schedule."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in opts:
         for group in opt.param_groups:
             group["betas"] = (optim.beta1, optim.beta2)
             group["eps"] = optim.eps
-    use_foreach_adam(optimizer)  # a loaded param group brings the saved 'foreach'
+    # A loaded param group brings the saved 'fused' / 'foreach' (and a CPU run's checkpoint
+    # its step counters on the CPU): the kernel follows where the params live now.
+    device = next(
+        (p.device for o in opts for g in o.param_groups for p in g["params"]),
+        torch.device("cpu"),
+    )
+    select_adam_kernel(optimizer, adam_kernel_for(device))
