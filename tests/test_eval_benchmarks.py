@@ -210,7 +210,7 @@ def test_retrieval_matches_the_reference(bench, task):
                                            for i in range(len(pairs))], k)  # fmt: skip
         want[f"t2i_r{k}"] = _recall(sims.T, [{o} for o in owner], k)
     assert r["metrics"] == want
-    assert 0 < want["i2t_r1"] < 1 or 0 < want["t2i_r1"] < 1
+    assert any(0 < v < 1 for v in want.values()), "a fixture where recall is not all 0 or 1"
     assert (r["images"], r["texts"]) == (len(pairs), len(texts))
     assert r["protocol"]["text_length"] == length
 
@@ -234,7 +234,7 @@ def test_zero_shot_matches_the_reference(bench, task):
             hits += int((F.unit(bench.ref.image(img)) @ cls.T).argmax()) == label
             n += 1
     assert r["images"] == n and r["metrics"] == {"top1": hits / n}
-    assert r["layout"] == ("imagenet-v2" if task == "imagenet-v2" else "imagenet")
+    assert r["folder_layout"] == ("imagenet-v2" if task == "imagenet-v2" else "imagenet")
     assert r["protocol"]["templates"] == "openai"
 
 

@@ -110,7 +110,7 @@ def run(encoder, args, protocol, group) -> dict:
     rand = topk_hits(random_features(n, classes.shape[1]) @ classes.T, target, ks)
     return {
         "metrics": {f"top{k}": hits[k] / n for k in ks},
-        "layout": layout,
+        "folder_layout": layout,
         "images": n,
         "classes": len(names),
         "no_info_random_features": {f"top{k}": rand[k] / n for k in ks},
