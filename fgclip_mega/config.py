@@ -128,7 +128,7 @@ class DataConfig:
     shards: str = ""
     """Path of a shard index (index.json) or a directory of zarr shards; empty = synthetic."""
     micro_batch_size: int = 8
-    """Samples per data-parallel rank per step."""
+    """Samples per data-parallel rank per forward; 0 = the largest the memory estimate fits."""
     max_boxes: int = 4
     """Boxes per image used in stage 2 (extra boxes are dropped, fewer are padded)."""
     num_hard_negatives: int = 10
@@ -247,6 +247,10 @@ class TrainConfig:
     """Steps between evaluations; 0 evaluates once, at the end."""
     profile_dir: str = ""
     """Write a torch.profiler Chrome trace of a few early steps (rank 0) here; empty = off."""
+    global_batch_size: int = 0
+    """Samples per optimizer step over all DP ranks (micro x DP x accumulation); 0 = micro x DP."""
+    device_memory_gb: float = 0.0
+    """GB (1e9 bytes) per GPU an automatic micro-batch is sized for; 0 = the GPU's (80 on CPU)."""
     loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(
         default_factory=lambda: ["jsonl"]
     )
@@ -329,7 +333,8 @@ class Config:
         d = self.data
         for name in ("max_boxes", "num_hard_negatives", "py_num_workers", "synthetic_num_samples"):
             _require(getattr(d, name) >= 0, f"data.{name}", "must be >= 0")
-        for name in ("micro_batch_size", "num_threads", "prefetch_queue_depth", "read_block_size"):
+        _require(d.micro_batch_size >= 0, "data.micro_batch_size", "must be >= 0 (0 = auto)")
+        for name in ("num_threads", "prefetch_queue_depth", "read_block_size"):
             _require(getattr(d, name) >= 1, f"data.{name}", "must be >= 1")
         _require(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
         loss = self.loss
@@ -374,6 +379,7 @@ class Config:
         for name in ("log_interval", "eval_batches", "eval_interval"):
             _require(getattr(tr, name) >= 0, f"train.{name}", "must be >= 0 (0 = off)")
         _require(len(set(tr.loggers)) == len(tr.loggers), "train.loggers", f"repeats: {tr.loggers}")
+        _check_batch(tr.global_batch_size, d.micro_batch_size, tr.device_memory_gb, world_size, p)
         c = self.checkpoint
         _require(c.save_interval >= 0, "checkpoint.save_interval", "must be >= 0 (0 = at the end)")
         _require(c.keep_last >= 1, "checkpoint.keep_last", "must be >= 1")
@@ -400,12 +406,45 @@ def _require(ok: bool, name: str, why: str) -> None:
         raise ConfigError(f"{name}: {why}")
 
 
+def _check_batch(
+    global_batch: int, micro: int, memory_gb: float, world_size: int | None, p: ParallelConfig
+) -> None:
+    """global = micro x DP x accumulation (an integer); with micro auto, global / DP whole."""
+    _require(global_batch >= 0, "train.global_batch_size", f"must be >= 0, got {global_batch}")
+    _require(memory_gb >= 0, "train.device_memory_gb", f"must be >= 0, got {memory_gb}")
+    if world_size is None or not global_batch:
+        return
+    dp = p.data_parallel_size(world_size)
+    _require(
+        global_batch % dp == 0,
+        "train.global_batch_size",
+        f"{global_batch} is not divisible by the {dp} data-parallel ranks",
+    )
+    _require(
+        not micro or global_batch % (micro * dp) == 0,
+        "data.micro_batch_size",
+        f"train.global_batch_size={global_batch} is not micro_batch_size={micro} x {dp} "
+        f"data-parallel ranks x a whole number of accumulation steps (set 0 = auto)",
+    )
+
+
 # ----------------------------------------------------------------------------- presets
 
 
+FGCLIP_GLOBAL_BATCH = 32768
+"""FG-CLIP's batch (both stages); each rank's micro-batch and accumulation derive from it."""
+
+
 def fgclip_vit_b16() -> Config:
-    """FG-CLIP ViT-B/16 at 224 px: text 12 layers of width 512, projection 512; bf16 on GPUs."""
-    return Config()
+    """FG-CLIP ViT-B/16 at 224 px: text 12 layers of width 512, projection 512; bf16 on GPUs.
+
+    Global batch 32K, micro-batch sized from the memory estimate (`python -m fgclip_mega.env`):
+    on 64 x 80 GB, 256 x 2 accumulation steps in stage 1 and 32 x 16 in stage 2, without
+    activation checkpointing (it would cost the same extra forward that accumulation costs)."""
+    cfg = Config()
+    cfg.train.global_batch_size = FGCLIP_GLOBAL_BATCH
+    cfg.data.micro_batch_size = 0
+    return cfg
 
 
 def fgclip_vit_l14_336() -> Config:
@@ -416,6 +455,12 @@ def fgclip_vit_l14_336() -> Config:
     )
     cfg.model.text = TextConfig(width=768, heads=12, mlp_width=3072)
     cfg.model.projection_dim = 768
+    # Global batch 32K, micro-batch from the memory estimate. Block checkpointing: on 64 x 80 GB
+    # stage 2 fits only 16 samples per micro-batch without it (49 texts of 77 tokens each) and
+    # 128 with it; stage 1 fits the whole 512 per rank with it, so it needs no accumulation.
+    cfg.train.global_batch_size = FGCLIP_GLOBAL_BATCH
+    cfg.data.micro_batch_size = 0
+    cfg.parallel.activation_checkpointing = True
     return cfg
 
 

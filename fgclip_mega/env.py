@@ -4,6 +4,11 @@ asked from `fgclip_mega.runtime`, the one place that decides them).
 
     python -m fgclip_mega.env                        # a table (run of preset fgclip_vit_b16)
     python -m fgclip_mega.env --preset tiny --json   # one JSON object
+    python -m fgclip_mega.env --preset fgclip_vit_l14_336 --world-size 64 --gpu-memory-gb 80
+
+With a preset it also prints the per-GPU memory estimate of each stage's step
+(profiling/memory.py) and the micro-batch and accumulation the trainer derives from the global
+batch for that GPU (train/batching.py), beside the same with activation checkpointing toggled.
 
 `import fgclip_mega` works without any of the optional pieces.
 """
@@ -135,15 +140,79 @@ def run_settings(preset: str) -> dict[str, str]:
         return {"error": f"{type(e).__name__}: {e}"}
 
 
+def memory_plans(
+    preset: str, world_size: int, gpu_memory_gb: float, global_batch: int | None = None
+) -> dict:
+    """Per stage: the batch plan of `preset` on `world_size` GPUs of `gpu_memory_gb` (1e9 bytes)
+    and the plan with activation checkpointing toggled; an 'error' entry where none fits."""
+    from fgclip_mega.config import ConfigError
+    from fgclip_mega.config import preset as make_preset
+    from fgclip_mega.train.batching import plan_batch
+
+    out: dict = {"gpu_memory_gb": gpu_memory_gb, "world_size": world_size}
+    for stage in ("global", "regional"):
+        per_stage = {}
+        for variant in ("preset", "toggled"):
+            cfg = make_preset(preset)
+            if variant == "toggled":
+                cfg.parallel.activation_checkpointing = not cfg.parallel.activation_checkpointing
+            try:
+                dp = cfg.parallel.data_parallel_size(world_size)
+                plan = plan_batch(cfg, dp, gpu_memory_gb * 1e9, stage=stage,
+                                  global_batch_size=global_batch)  # fmt: skip
+            except ConfigError as e:
+                per_stage[variant] = {"error": str(e)}
+                continue
+            per_stage[variant] = {
+                "activation_checkpointing": cfg.parallel.activation_checkpointing,
+                "global_batch_size": plan.global_batch_size,
+                "fits": plan.fits,
+                **plan.estimate.as_dict(),
+            }
+        out[stage] = per_stage
+    return out
+
+
+def _print_memory(preset: str, plans: dict) -> None:
+    from fgclip_mega.profiling.memory import GIB
+
+    print(
+        f"\nmemory per GPU of preset {preset!r} on {plans['world_size']} GPUs of "
+        f"{plans['gpu_memory_gb']:g} GB ({plans['gpu_memory_gb'] * 1e9 / GIB:.1f} GiB):"
+    )
+    for stage in ("global", "regional"):
+        for variant, p in plans[stage].items():
+            label = f"stage {stage}, {'as preset' if variant == 'preset' else 'toggled'}"
+            if "error" in p:
+                print(f"  {label}: {p['error']}")
+                continue
+            ckpt = "on" if p["activation_checkpointing"] else "off"
+            print(
+                f"  {label} (checkpointing {ckpt}): global batch {p['global_batch_size']} = "
+                f"micro-batch {p['micro_batch_size']} x DP {p['dp_size']} x accumulation "
+                f"{p['accumulation']}; peak {p['total_gib']:.1f} GiB ({p['peak_phase']})"
+                f"{'' if p['fits'] else '  DOES NOT FIT'}"
+            )
+            print("    " + ", ".join(f"{k} {v:.2f}" for k, v in p["parts_gib"].items()) + " GiB")
+            acts = p["micro_batch_activations_gib"]
+            print("    activations of one micro-batch: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in acts.items() if v) + " GiB")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--preset", default="fgclip_vit_b16", help="the run to resolve")
+    parser.add_argument("--world-size", type=int, default=64, help="GPUs of the sized run")
+    parser.add_argument("--gpu-memory-gb", type=float, default=80.0, help="per GPU, 1e9 bytes")
+    parser.add_argument("--global-batch", type=int, default=None,
+                        help="default: the preset's train.global_batch_size")  # fmt: skip
     args = parser.parse_args(argv)
     feats = probe()
     run = run_settings(args.preset)
+    plans = memory_plans(args.preset, args.world_size, args.gpu_memory_gb, args.global_batch)
     if args.json:
-        print(json.dumps({**{f.name: asdict(f) for f in feats}, "run": run}))
+        print(json.dumps({**{f.name: asdict(f) for f in feats}, "run": run, "memory": plans}))
         return 0
     width = max(len(f.name) for f in feats)
     for f in feats:
@@ -155,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\na run of preset {args.preset!r} here uses:")
     for key, value in run.items():
         print(f"  {key:<{width}}  {value}")
+    _print_memory(args.preset, plans)
     return 0
 
 

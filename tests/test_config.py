@@ -122,7 +122,7 @@ def test_yaml_unknown_key_names_the_field(tmp_path):
         ("parallel.tensor_parallel_size=3", "model.vision.heads"),
         ("model.vision.patch_size=7", "model.vision.image_size"),
         ("model.text.long_position_split=100", "model.text.long_position_split"),
-        ("data.micro_batch_size=0", "data.micro_batch_size"),
+        ("data.micro_batch_size=-1", "data.micro_batch_size"),
         # Issue 11: values that used to be accepted and failed late (or trained nonsense).
         ("train.steps=-1", "train.steps"),
         ("train.steps=0", "train.steps"),

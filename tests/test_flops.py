@@ -259,6 +259,7 @@ def test_loss_flops_match_counter_data_parallel():
 
 def test_defaults_scale_and_bad_arguments_name_the_culprit():
     cfg = PRESETS["fgclip_vit_b16"]()
+    cfg.data.micro_batch_size = 8  # the preset's is auto (0): sized from memory by the trainer
     full = training_flops(cfg, stage="global")
     assert full.batch_size == cfg.data.micro_batch_size
     assert training_flops(cfg, stage="global", short_len=40).total.model < full.total.model

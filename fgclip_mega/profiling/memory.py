@@ -284,7 +284,8 @@ def loss_bytes(
     rank (the micro-batch, or the whole rank batch with accumulation)."""
     p = cfg.model.projection_dim
     w = widths(cfg)
-    fp32_copy = w.act != 4 and getattr(cfg.precision, "loss_in_fp32", True)
+    # loss_in_fp32 "auto" keeps bf16 on GPUs (the kernels accumulate in fp32)
+    fp32_copy = w.act != 4 and getattr(cfg.precision, "loss_in_fp32", True) is True
     n_text = 2  # long and short captions share the image features' gather
     per_row = (1 + n_text) * p * 4
     kept = rows * per_row * (2 if fp32_copy else 1)  # normalised features (+ fp32 copies)
@@ -350,7 +351,9 @@ class MemoryReport:
         return sum(self.parts.values())
 
     def as_dict(self) -> dict:
-        gib = {f"{k}_gib": round(v / GIB, 3) for k, v in self.parts.items()}
+        def gib(parts: dict[str, float]) -> dict[str, float]:
+            return {k: round(v / GIB, 3) for k, v in parts.items()}
+
         return {
             "stage": self.stage,
             "micro_batch_size": self.micro_batch_size,
@@ -359,8 +362,8 @@ class MemoryReport:
             "tensor_parallel_size": self.tensor_parallel_size,
             "peak_phase": self.phase,
             "total_gib": round(self.total / GIB, 3),
-            **gib,
-            "activations_by_part_gib": {k: round(v / GIB, 3) for k, v in self.activations.items()},
+            "parts_gib": gib(self.parts),
+            "micro_batch_activations_gib": gib(self.activations),
         }
 
     def lines(self) -> list[str]:

@@ -16,6 +16,7 @@ from fgclip_mega.parallel import ParallelState
 from fgclip_mega.parallel.wrap import build_optimizer, build_parallel_model
 from fgclip_mega.profiling import PhaseTimer
 from fgclip_mega.runtime import Runtime
+from fgclip_mega.train.batching import resolve_batch
 
 log = logging.getLogger("fgclip_mega.train")
 
@@ -42,6 +43,8 @@ class TrainingRun:
     """The stage's loss terms."""
     timer: PhaseTimer
     """Per-phase times."""
+    accumulation: int = 1
+    """Micro-batches per rank per optimizer step (train/batching.py)."""
 
     @property
     def regional(self) -> bool:
@@ -53,7 +56,10 @@ class TrainingRun:
 
 
 def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
+    """`cfg` with data.micro_batch_size 0 (auto) is resolved here, from the memory estimate for
+    this device, and the run's `cfg` holds the resolved value."""
     runtime = state.runtime
+    cfg, plan = resolve_batch(cfg, state.dp_size, runtime.device)
     log.info(
         "world %d = TP %d x DP %d; stage %s; %d steps; runtime %s",
         state.world_size,
@@ -63,6 +69,7 @@ def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
         cfg.train.steps,
         runtime.describe(),
     )
+    log.info("%s", plan.describe())
     # Same global seed on every rank before building: replicated weights must match over TP.
     torch.manual_seed(cfg.train.seed)
     model, ddp = build_parallel_model(cfg, state)
@@ -78,5 +85,5 @@ def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
     )
     return TrainingRun(
         cfg, state, runtime, model, ddp, optimizer, scheduler, loader, objective,
-        PhaseTimer(runtime.device),
+        PhaseTimer(runtime.device), plan.accumulation,
     )  # fmt: skip
