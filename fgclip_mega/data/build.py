@@ -74,6 +74,7 @@ from fgclip_mega.data.ingest import (
     parse_json,
     parse_record,
     resolve_image,
+    starts_with_list,
 )
 from fgclip_mega.data.merge import merge_parts, summarise
 from fgclip_mega.data.shards import INDEX_NAME, SHORT_PREFIX, write_shard
@@ -192,7 +193,7 @@ def _build_one(task: tuple[str, list[Item], dict, str]) -> dict:
 
 def _count_records(files: list[str]) -> int | None:
     """Record count for the progress bar (JSONL only: counting is a cheap newline scan)."""
-    if not all(f.endswith(".jsonl") for f in files):
+    if not all(f.endswith(".jsonl") and not starts_with_list(f) for f in files):
         return None
     total = 0
     for path in files:

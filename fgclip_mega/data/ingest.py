@@ -342,13 +342,27 @@ def _jsonl_lines(path: str) -> Iterator[tuple[int, bytes | None]]:
                 yield n, line
 
 
+def starts_with_list(path: str) -> bool:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(4096):
+            head = chunk.lstrip()
+            if head.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+                head = head[3:].lstrip()
+            if head:
+                return head[:1] == b"["
+    return False
+
+
 def iter_records(path: str) -> Iterator[tuple[str, object]]:
     """(source 'file:line', record or BadRecord) for a .jsonl or .json (list) file, in order.
 
     A .json file that cannot be read as a whole (not UTF-8, invalid, not a list) yields one
     BadRecord with its path as the source; a bad JSONL line yields a BadRecord for that line.
+    A .jsonl file whose first non-blank character is '[' is read as a .json list: upstream
+    FG-CLIP loads .jsonl files with json.load (fgclip/train/train_fgclip.py), so FineHARD-style
+    lists are named .jsonl in the wild.
     """
-    if path.endswith(".jsonl"):
+    if path.endswith(".jsonl") and not starts_with_list(path):
         for n, line in _jsonl_lines(path):
             if line is None:
                 yield f"{path}:{n}", BadRecord(f"line longer than {MAX_LINE_BYTES} bytes")
