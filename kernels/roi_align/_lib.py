@@ -14,7 +14,13 @@ import torch
 
 ENV_DIR = "FGCLIP_EXT_DIR"
 REPO_ROOT = Path(__file__).resolve().parents[2]
-BUILD_HINT = f"build it with `bash run/build_ext.sh` (in {REPO_ROOT})"
+if (REPO_ROOT / "run" / "build_ext.sh").is_file():  # a source checkout
+    BUILD_HINT = f"build it with `bash run/build_ext.sh` (in {REPO_ROOT})"
+else:  # an installed wheel: no build/ beside the package, and no CMake sources either
+    BUILD_HINT = (
+        "the installed package carries no compiled kernels: in a source checkout run "
+        f"`bash run/build_ext.sh` and set {ENV_DIR}=<checkout>/build/lib"
+    )
 CPU_LIB = "libfgclip_roi_align_cpu.so"
 CUDA_LIB = "libfgclip_roi_align_cuda.so"
 
