@@ -241,11 +241,20 @@ def test_zero_shot_matches_the_reference(bench, task):
 # ----------------------------------------------------------------------------- DP = 2
 
 
-def _all_tasks_dp(argvs: dict[str, list[str]]) -> dict:
-    out = {}
-    for task, argv in argvs.items():
-        assert run_main(argv) == 0, task
-    return out
+def _all_tasks_dp(argvs: dict[str, list[str]]) -> None:
+    # One process group for every task: torchrun would start one launch per task, and
+    # re-creating the gloo group on one port in a process is not what users do.
+    from fgclip_mega.eval.__main__ import model_config
+    from fgclip_mega.eval.benchmarks.cli import evaluate, parser
+    from fgclip_mega.parallel import destroy_parallel, init_parallel
+
+    first = parser().parse_args(next(iter(argvs.values())))
+    state = init_parallel(model_config(first.checkpoint, None, [])[0], seed=0)
+    try:
+        for argv in argvs.values():
+            evaluate(parser().parse_args(argv), state)
+    finally:
+        destroy_parallel()
 
 
 @pytest.mark.slow

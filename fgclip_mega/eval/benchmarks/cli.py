@@ -124,7 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def evaluate(args) -> dict:
+def evaluate(args, state=None) -> dict:
+    """One task. Sets up (and tears down) the process groups unless given a ParallelState
+    (several tasks in one launch: the tests)."""
     from fgclip_mega.eval.__main__ import _load, model_config
     from fgclip_mega.eval.benchmarks.engine import ModelEncoder
     from fgclip_mega.eval.benchmarks.report import markdown
@@ -138,7 +140,9 @@ def evaluate(args) -> dict:
 
         check_model(args.compare_golden)
     t0 = time.perf_counter()
-    state = init_parallel(cfg, seed=cfg.train.seed)
+    owned = state is None
+    if owned:
+        state = init_parallel(cfg, seed=cfg.train.seed)
     try:
         cfg.validate(world_size=state.world_size)
         model = _load(cfg, step_dir, args.checkpoint, state, log)
@@ -160,4 +164,5 @@ def evaluate(args) -> dict:
             log.info("wrote %s", out / f"{args.task}.json")
         return result
     finally:
-        destroy_parallel()
+        if owned:
+            destroy_parallel()
