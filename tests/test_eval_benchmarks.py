@@ -362,3 +362,20 @@ def test_config_json_fills_the_shape_and_a_disagreeing_preset_fails_naming_the_f
             "--checkpoint", str(tmp_path / "eight"), "--out", str(tmp_path)]  # fmt: skip
     assert run_main(argv) == 2
     assert "model.text.heads=4 (--preset tiny)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- golden
+
+
+def test_compare_golden_prints_deltas_against_the_published_numbers():
+    from fgclip_mega.config import ConfigError
+    from fgclip_mega.eval.benchmarks.golden import deltas, deltas_table
+
+    got = deltas("fgclip-v1-large", "dci", {"i2t_r1": 0.6, "t2i_r1": 0.7, "i2t_r5": 0.9})
+    assert got["i2t_r1"] == (pytest.approx(60.0), 66.7, pytest.approx(-6.7))
+    assert got["t2i_r1"] == (pytest.approx(70.0), 66.1, pytest.approx(3.9))
+    assert set(got) == {"i2t_r1", "t2i_r1"}  # only what was published
+    assert "-6.70" in deltas_table("fgclip-v1-large", "dci", {"i2t_r1": 0.6, "t2i_r1": 0.7})
+    assert "no published fgovd number" in deltas_table("fgclip-v1-large", "fgovd", {})
+    with pytest.raises(ConfigError, match="known models"):
+        deltas("fgclip-v9", "dci", {})
