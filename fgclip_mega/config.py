@@ -37,6 +37,8 @@ class VisionConfig:
     """Hidden size of the block MLP."""
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon (OpenAI CLIP uses 1e-5)."""
+    activation: Literal["quick_gelu", "gelu_tanh"] = "quick_gelu"
+    """MLP activation: OpenAI CLIP's quick_gelu, or SigLIP's tanh-approximated GELU."""
 
     @property
     def grid_size(self) -> int:
@@ -65,10 +67,14 @@ class TextConfig:
     """End-of-text id; the text embedding is taken at its first occurrence."""
     layer_norm_eps: float = 1e-5
     """LayerNorm epsilon."""
+    activation: Literal["quick_gelu", "gelu_tanh"] = "quick_gelu"
+    """MLP activation: OpenAI CLIP's quick_gelu, or SigLIP's tanh-approximated GELU."""
 
 
 @dataclass
 class ModelConfig:
+    family: Literal["fgclip", "fgclip2"] = "fgclip"
+    """FG-CLIP (OpenAI-CLIP towers, square images) or FG-CLIP 2 (SigLIP 2 NaFlex towers)."""
     vision: VisionConfig = field(default_factory=VisionConfig)
     """Image tower."""
     text: TextConfig = field(default_factory=TextConfig)

@@ -7,8 +7,10 @@ negatives as row indices into it, and every token array cut to the batch's longe
 
 Text trimming: the text tower is causal and pools at each row's first end-of-text token, so the
 positions after the batch's last EOT cannot change any output; cutting there (rounded up to a
-multiple of 8, capped at the context) only drops work. A row without an EOT (only possible in
-hand-made input) pools at its last position, so such an array is left at full length.
+multiple of `length_multiple`, default 8, capped at the context) only drops work. Coarser
+multiples bound the number of distinct text shapes (`parallel.compile_blocks` compiles each
+once). A row without an EOT (only possible in hand-made input) pools at its last position, so
+such an array is left at full length.
 """
 
 from __future__ import annotations
@@ -69,8 +71,9 @@ class Batch:
         return len(self.keys)
 
 
-def trimmed_length(tokens: list[torch.Tensor], context: int) -> int:
-    """Common length for token arrays (..., L): through the last EOT, rounded up to 8, <= L."""
+def trimmed_length(tokens: list[torch.Tensor], context: int, multiple: int = TRIM_MULTIPLE) -> int:
+    """Common length for token arrays (..., L): through the last EOT, rounded up to `multiple`,
+    <= context."""
     last = 0
     for t in tokens:
         rows = t.reshape(-1, t.shape[-1])
@@ -82,7 +85,7 @@ def trimmed_length(tokens: list[torch.Tensor], context: int) -> int:
         # Last EOT of each row = L - 1 - (first EOT of the reversed row).
         from_end = is_eot.flip(-1).int().argmax(dim=-1)
         last = max(last, rows.shape[-1] - int(from_end.min()))
-    return min(context, -(-max(last, 1) // TRIM_MULTIPLE) * TRIM_MULTIPLE)
+    return min(context, -(-max(last, 1) // multiple) * multiple)
 
 
 def _tensor(v) -> torch.Tensor:
@@ -113,10 +116,12 @@ def batch_from_arrays(
     keys: list[str],
     short_context: int | None = None,
     long_context: int | None = None,
+    length_multiple: int = TRIM_MULTIPLE,
 ) -> Batch:
     """A Batch from SampleSource-style padded arrays (numpy or torch): packs, trims, casts.
 
-    `short_context`/`long_context` cap the trimmed lengths (default: the arrays' widths).
+    `short_context`/`long_context` cap the trimmed lengths (default: the arrays' widths);
+    trimmed lengths are multiples of `length_multiple` below the cap.
     """
     missing = [name for name in OUTPUT_NAMES[1:] if name not in arrays]  # all but 'jpeg'
     if missing:
@@ -128,9 +133,11 @@ def batch_from_arrays(
     )
     long = a["long_tokens"]
     short = a["short_tokens"]
-    long_len = trimmed_length([long], long_context or long.shape[-1])
+    long_len = trimmed_length([long], long_context or long.shape[-1], length_multiple)
     # Short captions, region phrases and hard-negative phrases share one text-tower call.
-    short_len = trimmed_length([short, region, hard_tokens], short_context or short.shape[-1])
+    short_len = trimmed_length(
+        [short, region, hard_tokens], short_context or short.shape[-1], length_multiple
+    )
     return Batch(
         images=images,
         long_tokens=long[:, :long_len].to(torch.int64).contiguous(),

@@ -186,7 +186,9 @@ class DaliLoader(StreamLoader):
         self._check_positions(out["positions"].numpy())
         ids = out["sample_ids"].numpy()
         out["epoch"] = self.order.locate(self.position)[0]
-        batch = batch_from_arrays(out["images"], out, self.keys_of(ids))
+        batch = batch_from_arrays(
+            out["images"], out, self.keys_of(ids), length_multiple=self.cfg.text_length_multiple
+        )
         self.position += self.batch_size
         return batch.to(self.device)
 

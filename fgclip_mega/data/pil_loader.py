@@ -79,7 +79,12 @@ class PilLoader(StreamLoader):
         arrays = self._pending.popleft().result()
         self._check_positions(arrays["positions"])
         arrays["epoch"] = self.order.locate(self.position)[0]
-        batch = batch_from_arrays(arrays["images"], arrays, self.keys_of(arrays["sample_ids"]))
+        batch = batch_from_arrays(
+            arrays["images"],
+            arrays,
+            self.keys_of(arrays["sample_ids"]),
+            length_multiple=self.cfg.text_length_multiple,
+        )
         self.position += self.batch_size
         return batch.to(self.device)
 

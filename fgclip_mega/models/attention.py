@@ -56,7 +56,13 @@ def resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) ->
     return requested
 
 
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+def math_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    key_padding_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Reference softmax(q k^T / sqrt(hd)) v in fp32; (B, N, H, hd) -> (B, N, H, hd)."""
     q, k, v = (t.transpose(1, 2).float() for t in (q, k, v))  # (B, H, N, hd)
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])  # (B, H, N, N)
@@ -64,6 +70,8 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bo
         n = q.shape[-2]
         future = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     return (scores.softmax(dim=-1) @ v).transpose(1, 2)
 
 
@@ -75,18 +83,33 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, backend: str = "sdpa"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    causal: bool,
+    backend: str = "sdpa",
+    key_padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product self-attention; q, k, v (B, N, H, hd) -> (B, N, H, hd) in q's dtype.
 
-    `backend` is a resolved name (flash, sdpa, math); 'auto' resolves here per call."""
+    `backend` is a resolved name (flash, sdpa, math); 'auto' resolves here per call.
+    `key_padding_mask` (B, N) bool, True = attend (NaFlex padding); with a mask the flash
+    backend runs as SDPA, whose memory-efficient and cuDNN kernels take a mask (flash-attn's
+    own would need the batch unpadded into a varlen layout)."""
     if backend == "auto":
         backend = resolve_backend(backend, q.device, q.dtype)
-    if backend == "flash":
+    if causal and key_padding_mask is not None:
+        raise ValueError("a key padding mask with causal attention is not supported")
+    if backend == "flash" and key_padding_mask is None:
         return flash_attention(q, k, v, causal)
-    if backend == "sdpa":
+    if backend in ("flash", "sdpa"):
+        mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=causal,
         )  # (B, H, N, hd)
         return out.transpose(1, 2)
-    return math_attention(q, k, v, causal).to(q.dtype)
+    return math_attention(q, k, v, causal, key_padding_mask).to(q.dtype)

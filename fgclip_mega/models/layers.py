@@ -116,8 +116,26 @@ def layer_norm(width: int, eps: float, sequence_parallel: bool = False) -> Layer
     return norm
 
 
+class RowParallel(RowParallelLinear):
+    """megatron's RowParallelLinear, handing its TP group to the linear function: 0.16.1 passes
+    None there, which warns on every call (a host-side cost in eager, a graph break per block
+    under torch.compile). The group is only read for SP/dgrad communication, off in this layer."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 def quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# MLP activations by their HF `hidden_act` names: OpenAI CLIP's, and SigLIP's gelu_pytorch_tanh.
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
 
 
 class SelfAttention(nn.Module):
@@ -150,7 +168,7 @@ class SelfAttention(nn.Module):
             stride=3,
             tp_group=tp_group,
         )
-        self.out_proj = RowParallelLinear(
+        self.out_proj = RowParallel(
             width,
             width,
             config=config,
@@ -173,14 +191,22 @@ class SelfAttention(nn.Module):
         return qkv.view(n, b, 3, self.heads_local, self.head_dim).unbind(2)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_valid: int
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        n_valid: int,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """q, k, v (N, B, H/tp, hd); tokens >= n_valid are sequence-parallel padding and are
-        left out of the attention (their output is zero)."""
+        left out of the attention (their output is zero). key_padding_mask (B, n_valid) bool:
+        True = a real token (NaFlex images padded to the batch's patch budget)."""
         n, b = q.shape[:2]
         # (B, n, H/tp, hd) views with unit last-dim stride: flash-attn's layout, no copies.
         q, k, v = (t[:n_valid].transpose(0, 1) for t in (q, k, v))
-        out = attention(q, k, v, causal=self.causal, backend=self.backend)  # (B, n, H/tp, hd)
+        out = attention(
+            q, k, v, causal=self.causal, backend=self.backend, key_padding_mask=key_padding_mask
+        )  # (B, n, H/tp, hd)
         out = out.transpose(0, 1).reshape(n_valid, b, -1)  # (n, B, H/tp * hd)
         if n_valid < n:
             out = torch.cat([out, out.new_zeros(n - n_valid, *out.shape[1:])])
@@ -200,8 +226,10 @@ class MLP(nn.Module):
         layers: int,
         config: ModelParallelConfig,
         tp_group: dist.ProcessGroup,
+        activation: str = "quick_gelu",
     ):
         super().__init__()
+        self.act = ACTIVATIONS[activation]
         self.fc1 = ColumnParallelLinear(
             width,
             mlp_width,
@@ -211,7 +239,7 @@ class MLP(nn.Module):
             gather_output=False,
             tp_group=tp_group,
         )
-        self.fc2 = RowParallelLinear(
+        self.fc2 = RowParallel(
             mlp_width,
             width,
             config=config,
@@ -223,19 +251,31 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(quick_gelu(self.fc1(x)[0]))[0]
+        return self.fc2(self.act(self.fc1(x)[0]))[0]
 
 
 class Block(nn.Module):
     """OpenAI-CLIP residual block: x + attn(ln1(x)), then + mlp(ln2(.))."""
 
-    def __init__(self, width, heads, mlp_width, layers, eps, causal, config, tp_group, backend):
+    def __init__(
+        self,
+        width,
+        heads,
+        mlp_width,
+        layers,
+        eps,
+        causal,
+        config,
+        tp_group,
+        backend,
+        activation: str = "quick_gelu",
+    ):
         super().__init__()
         sp = config.sequence_parallel
         self.norm1 = layer_norm(width, eps, sp)
         self.attn = SelfAttention(width, heads, layers, causal, config, tp_group, backend)
         self.norm2 = layer_norm(width, eps, sp)
-        self.mlp = MLP(width, mlp_width, layers, config, tp_group)
+        self.mlp = MLP(width, mlp_width, layers, config, tp_group, activation)
         self.recompute_mlp = False  # set by Transformer from its CheckpointPolicy
 
     def _mlp(self, h: torch.Tensor) -> torch.Tensor:
@@ -244,12 +284,16 @@ class Block(nn.Module):
         return self.mlp(self.norm2(h))
 
     def forward(
-        self, x: torch.Tensor, n_valid: int, with_dense: bool = False
+        self,
+        x: torch.Tensor,
+        n_valid: int,
+        with_dense: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (N, B, D) (N/tp under SP). With `with_dense`, also returns the block run with its
         attention replaced by the value path (FG-CLIP's dense features), sharing ln1 and qkv."""
         q, k, v = self.attn.project_qkv(self.norm1(x))
-        h = x + self.attn(q, k, v, n_valid)
+        h = x + self.attn(q, k, v, n_valid, key_padding_mask)
         out = h + self._mlp(h)
         if not with_dense:
             return out
@@ -272,10 +316,13 @@ class Transformer(nn.Module):
         tp_group,
         backend,
         checkpointing: CheckpointPolicy,
+        activation: str = "quick_gelu",
     ):
         super().__init__()
         self.blocks = nn.ModuleList(
-            Block(width, heads, mlp_width, layers, eps, causal, config, tp_group, backend)
+            Block(
+                width, heads, mlp_width, layers, eps, causal, config, tp_group, backend, activation
+            )
             for _ in range(layers)
         )
         for i, block in enumerate(self.blocks):
@@ -286,17 +333,21 @@ class Transformer(nn.Module):
         self.sequence_parallel = config.sequence_parallel
         self.checkpointing = checkpointing
 
-    def _run(self, i: int, x: torch.Tensor, n_valid: int, with_dense: bool):
+    def _run(self, i: int, x: torch.Tensor, n_valid: int, with_dense: bool, mask=None):
         block = self.blocks[i]
         if self.checkpointing.applies(i, "block"):
-            return recompute(lambda t: block(t, n_valid, with_dense), x)
-        return block(x, n_valid, with_dense)
+            return recompute(lambda t: block(t, n_valid, with_dense, mask), x)
+        return block(x, n_valid, with_dense, mask)
 
     def forward(
-        self, x: torch.Tensor, with_dense: bool = False
+        self,
+        x: torch.Tensor,
+        with_dense: bool = False,
+        key_padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (N, B, D), the same on every TP rank -> (N, B, D); with `with_dense` also the dense
-        (value-path) output of the last block."""
+        (value-path) output of the last block. key_padding_mask (B, N) bool, True = real token:
+        padded tokens are never attended to (their own outputs are computed and meaningless)."""
         n = x.shape[0]
         if self.sequence_parallel:
             # Pad N to a multiple of the TP size; padding never enters attention.
@@ -309,9 +360,9 @@ class Transformer(nn.Module):
         for i in range(len(self.blocks)):
             last = i == len(self.blocks) - 1
             if last and with_dense:
-                x, dense = self._run(i, x, n, True)
+                x, dense = self._run(i, x, n, True, key_padding_mask)
             else:
-                x = self._run(i, x, n, False)
+                x = self._run(i, x, n, False, key_padding_mask)
         outs = [x] if dense is None else [x, dense]
         if self.sequence_parallel:
             # Everything after the tower is replicated over TP, so the backward only splits.

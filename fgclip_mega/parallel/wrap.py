@@ -44,7 +44,58 @@ def build_parallel_model(cfg: Config, state) -> tuple[FGCLIPModel, DistributedDa
     model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, runtime, tp_group=state.tp_group)
     if cfg.checkpoint.init_from:
         init_weights(model, cfg)
+    if cfg.parallel.compile_blocks:
+        compile_blocks(model, cfg)
     return model, wrap_data_parallel(model, cfg.parallel, runtime)
+
+
+def text_lengths(cfg: Config) -> list[int]:
+    """Every length the loaders cut text to (`data.text_length_multiple` up to each context)."""
+    m, t = cfg.data.text_length_multiple, cfg.model.text
+    contexts = (t.short_context, t.long_context)
+    return sorted({min(n, c) for c in contexts for n in range(m, c + m, m)})
+
+
+def compile_blocks(model: torch.nn.Module, cfg: Config) -> int:
+    """`parallel.compile_blocks`: every transformer block's training forward (and, through
+    AOTAutograd, its backward) runs as one torch.compile'd graph; returns the number of blocks.
+
+    Shapes are bounded so that nothing recompiles once each shape has been seen: the token
+    dimension is static and takes only `text_lengths(cfg)` and the image token count, the batch
+    dimension (which varies with the boxes and hard negatives of a step) is symbolic. All blocks
+    share one code object, hence one cache: its limit is raised to cover every shape, and
+    exceeding it fails instead of silently running eagerly. Without grad (evaluation, with
+    prompts of any length) a block runs eagerly. Activation checkpointing recomputes the
+    compiled block; tensor-parallel layers trace as they are (tested at TP=1)."""
+    from fgclip_mega.models.layers import Block
+
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    # Per shape: with and without the dense value path, and a size-1 batch specialised.
+    shapes = 2 * 2 * (len(text_lengths(cfg)) + 1)
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, shapes)
+    dynamo.accumulated_recompile_limit = max(dynamo.accumulated_recompile_limit, 4 * shapes)
+    dynamo.fail_on_recompile_limit_hit = True
+    for block in blocks:
+        block.forward = _compiled_forward(block.forward)
+    _log.info("compiled %d transformer blocks (%d shapes at most)", len(blocks), shapes)
+    return len(blocks)
+
+
+def _compiled_forward(eager):
+    compiled = torch.compile(eager)
+
+    def forward(x: torch.Tensor, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return eager(x, *args, **kwargs)
+        torch._dynamo.mark_static(x, 0)  # tokens (N, or N/tp under SP): bucketed, static
+        torch._dynamo.maybe_mark_dynamic(x, 1)  # batch: symbolic
+        for t in (*args, *kwargs.values()):
+            if isinstance(t, torch.Tensor) and t.dim() == 2:
+                torch._dynamo.maybe_mark_dynamic(t, 0)  # a (B, N) key padding mask
+        return compiled(x, *args, **kwargs)
+
+    return forward
 
 
 def init_weights(model: FGCLIPModel, cfg: Config) -> None:
