@@ -148,10 +148,13 @@ def run_training(run: TrainingRun) -> TrainResult:
     with Preemption() as preemption, maybe_torch_profiler(profile_dir, run.runtime.device) as tick:
         while step < cfg.train.steps:
             with run.timer.phase("data"):
-                batch = next(run.loader).to(run.runtime.device)
-            out = train_step(run, batch, step + 1)
+                # train.global_batch_size: `accumulation` micro-batches per rank per step; the
+                # loader's position stays a whole number of steps at every checkpoint.
+                batches = [next(run.loader).to(run.runtime.device) for _ in range(run.accumulation)]
+            batch = batches[-1]
+            out = train_step(run, batches if len(batches) > 1 else batch, step + 1)
             step += 1
-            metrics.add_samples(len(batch) * state.dp_size)
+            metrics.add_samples(sum(len(b) for b in batches) * state.dp_size)
             if every(cfg.train.log_interval) or step in (first_step + 1, cfg.train.steps):
                 values = _read_values(run, out)
                 losses.append({"step": step, **values})

@@ -14,6 +14,7 @@ import torch
 from megatron.core.distributed import finalize_model_grads
 
 from fgclip_mega.objective import encode_batch
+from fgclip_mega.train.accumulate import accumulated_backward
 
 
 @dataclass
@@ -42,22 +43,30 @@ def nonfinite_grad_names(model: torch.nn.Module) -> list[str]:
 
 
 def train_step(run, batch, step: int) -> StepOutput:
-    """`run` is a built `TrainingRun` (train/build.py); `step` is the step being taken (1-based)."""
+    """`run` is a built `TrainingRun` (train/build.py); `step` is the step being taken (1-based).
+    `batch` is one micro-batch, or a list of them: the accumulated step keeps the objective over
+    all of them (train/accumulate.py)."""
     model, ddp, optimizer, timer = run.model, run.ddp, run.optimizer, run.timer
+    batches = list(batch) if isinstance(batch, list | tuple) else [batch]
     ddp.zero_grad_buffer()
     optimizer.zero_grad()
-    with timer.phase("forward"):
-        with run.runtime.autocast():
-            emb = encode_batch(model, batch, run.regional)
-        if run.cfg.precision.loss_in_fp32:
-            emb = emb.float()
-        # Outside autocast: the contrastive products must not be recast to bf16.
-        out = run.objective(emb, model.temperatures())
-    with timer.phase("backward"):
-        out.total.backward()
-        # DP gradient reduction, plus the TP all-reduce of sequence-parallel params' grads
-        # (norms see only their sequence slice) that finish_grad_sync alone would miss.
-        finalize_model_grads([ddp])
+    # DP gradient reduction, plus the TP all-reduce of sequence-parallel params' grads (norms
+    # see only their sequence slice) that finish_grad_sync alone would miss.
+    reduce_grads = lambda: finalize_model_grads([ddp])  # noqa: E731
+    upcast = run.cfg.precision.loss_in_fp32
+    if len(batches) > 1:
+        out = accumulated_backward(run, batches, upcast, finish=reduce_grads)
+    else:
+        with timer.phase("forward"):
+            with run.runtime.autocast():
+                emb = encode_batch(model, batches[0], run.regional)
+            if upcast:
+                emb = emb.float()
+            # Outside autocast: the contrastive products must not be recast to bf16.
+            out = run.objective(emb, model.temperatures())
+        with timer.phase("backward"):
+            out.total.backward()
+            reduce_grads()
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses
     with timer.phase("optimizer"):
         ok, grad_norm, _ = optimizer.step()
