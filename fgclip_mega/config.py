@@ -101,6 +101,8 @@ class ParallelConfig:
     """What is recomputed: the whole block (+1 forward) or only its MLP (cheaper, less saved)."""
     checkpoint_every: int = 1
     """Recompute every k-th block only (1 = all blocks)."""
+    compile_blocks: bool = False
+    """torch.compile each block for training (eval: eager); needs data.text_length_multiple>=32."""
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend; auto picks NCCL with CUDA and gloo without."""
     overlap_grad_reduce: bool | None = None
@@ -163,6 +165,8 @@ class DataConfig:
     """Blocks whose samples are shuffled together in memory (the shuffle buffer)."""
     region_text: Literal["random", "short", "long"] = "random"
     """Region phrase per box: short_expr, long_expr, or a seeded per-epoch coin (upstream)."""
+    text_length_multiple: int = 8
+    """Texts are cut after the batch's last end-of-text token, rounded up to this (<= context)."""
     resize_antialias: Literal["on", "off"] = "on"
     """Squash resize with PIL-BILINEAR-style antialiasing (on) or plain bilinear sampling."""
     py_start_method: Literal["auto", "fork", "spawn"] = "auto"
@@ -335,6 +339,13 @@ class Config:
         if world_size is not None:
             p.data_parallel_size(world_size)
         _require(p.checkpoint_every >= 1, "parallel.checkpoint_every", "must be >= 1")
+        _require(
+            not p.compile_blocks or self.data.text_length_multiple >= 32,
+            "data.text_length_multiple",
+            f"{self.data.text_length_multiple} with parallel.compile_blocks: every text length "
+            "is one more compile of the blocks; use 32 or more (e.g. 32: 9 lengths up to 248)",
+        )
+        _require(self.data.text_length_multiple >= 1, "data.text_length_multiple", "must be >= 1")
         _require(p.timeout_minutes >= 1, "parallel.timeout_minutes", "must be >= 1")
         d = self.data
         for name in ("max_boxes", "num_hard_negatives", "py_num_workers", "synthetic_num_samples"):
