@@ -71,14 +71,24 @@ def check_same_shape(x: torch.Tensor, group: dist.ProcessGroup | None, what: str
     size, _ = group_size_rank(group)
     if size == 1:
         return
-    shape = torch.tensor(x.shape, dtype=torch.int64, device=x.device)  # (ndim,)
+    # Each size filled in on the device (a kernel argument): torch.tensor(x.shape, device=...)
+    # would be a host->device copy, a stream sync on CUDA.
+    shape = torch.empty(x.dim(), dtype=torch.int64, device=x.device)  # (ndim,)
+    for i, n in enumerate(x.shape):
+        shape[i].fill_(n)
     shapes = shape.new_empty(size * shape.numel())
     dist.all_gather_into_tensor(shapes, shape, group=group)
     shapes = shapes.view(size, -1)  # (W, ndim)
     same = (shapes == shape).all()
     if x.device.type != "cpu":
         torch._assert_async(same)
-    elif not same:
+    else:
+        _raise_if_different(same, shapes, what)
+
+
+def _raise_if_different(same: torch.Tensor, shapes: torch.Tensor, what: str) -> None:
+    # Host tensors only: the read is free there (host_syncs.CPU_ONLY_CHECKS lists it).
+    if not same:
         raise ValueError(
             f"{what}: data-parallel ranks hold different shapes {shapes.tolist()} "
             "(every rank needs the same micro-batch size and feature width)"

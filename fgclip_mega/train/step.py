@@ -80,9 +80,13 @@ def train_step(run, batch, step: int) -> StepOutput:
         )
     device = out.total.device
     counts = {f"n_{k}": v for k, v in out.counts.items()}
+    # A Python count is filled in on the device (a kernel argument): torch.as_tensor of it would
+    # be a host->device copy, a stream sync on CUDA.
     values = [v.float().reshape(()) for v in out.parts.values()] + [
-        torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in counts.values()
-    ]
+        v.float().reshape(()) if isinstance(v, torch.Tensor)
+        else torch.full((), v, dtype=torch.float32, device=device)
+        for v in counts.values()
+    ]  # fmt: skip
     return StepOutput(
         names=[*out.parts, *counts],
         values=torch.stack(values),

@@ -186,7 +186,10 @@ def pool_rois(
     check_scalar_args(1.0, sampling_ratio, aligned)
     h, w = fmap.shape[-2:]
     dtype = torch.float64 if rois.dtype == torch.float64 else torch.float32
-    scaled = rois.to(dtype) * torch.tensor([1, w, h, w, h], dtype=dtype, device=rois.device)
+    r = rois.to(dtype)  # (R, 5)
+    # Scaled by Python numbers: a (1, w, h, w, h) tensor made on the rois' device would be a
+    # host->device copy, a stream sync on CUDA, on every call.
+    scaled = torch.stack([r[:, 0], r[:, 1] * w, r[:, 2] * h, r[:, 3] * w, r[:, 4] * h], dim=1)
     if scaled.device != fmap.device and scaled.device.type == "cpu":
         check_roi_values(scaled, fmap.shape[0], (ph, pw), 1.0, sampling_ratio, aligned)
         if fmap.device.type == "cuda":
