@@ -127,8 +127,8 @@ class PrecisionConfig:
     """Model weight dtype; auto = bf16 on CUDA (fp32 main params), fp32 on CPU (bf16 is slow)."""
     compute_dtype: Literal["auto", "fp32", "bf16"] = "auto"
     """Autocast dtype of the forward pass; auto = bf16 on CUDA, fp32 on CPU."""
-    loss_in_fp32: bool = True
-    """Upcast embeddings to fp32 before the contrastive losses."""
+    loss_in_fp32: bool | Literal["auto"] = "auto"
+    """Upcast embeddings to fp32 before the losses; auto = no on CUDA (bf16 in, fp32 inside)."""
 
 
 @dataclass

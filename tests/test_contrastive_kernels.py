@@ -376,3 +376,137 @@ def test_triton_on_gpu_memory_rectangular():
     grads = (R + C) * D * (4 + 2)  # fp32 accumulators and the bf16 .grad tensors
     assert peak <= 4 * launcher.SLAB_ELEMS + grads + (64 << 20), peak
     assert peak < R * C * 4 / 2, peak
+
+
+# bf16 features into the Triton kernels (precision.loss_in_fp32=auto on CUDA): fp32 logits,
+# statistics and G inside, G rounded once to bf16 for the dX / dY products (as on the GPU; the
+# interpreter upcasts only the tl.dot operands). Errors relative as in _check, measured at
+# (R, C, D) = (256, 256, 512) square and (64, 1024, 512) rectangular, scales 14.3 and 100
+# (/tmp measurement, interpreter):
+#   against float64 on the same bf16-rounded inputs: loss <= 1.1e-6, dA/dB <= 9.6e-3,
+#     dscale <= 1.3e-5 (as fp32: saturated softmax at scale 100), dbias <= 4.7e-8;
+#   against float64 on the fp32 inputs (what the bf16 features cost): loss <= 1.0e-4,
+#     dA/dB <= 1.2e-2, dscale <= 8.1e-5, dbias <= 1.3e-5;
+#   the fp32 path, for comparison: loss <= 7.2e-7, dA/dB <= 2.2e-4, dscale <= 1.3e-5.
+BF16_TOL = {  # (vs rounded inputs, vs fp32 inputs): about 2x the measured maxima
+    "loss": (3e-6, 2e-4),
+    "dA": (2e-2, 2.5e-2),
+    "dB": (2e-2, 2.5e-2),
+    "dscale": (3e-5, 2e-4),
+    "dbias": (1e-6, 3e-5),
+}
+
+
+def _errors(kind, R, C, D, offset, scale, dtype, ref_inputs):
+    a, b = _features(R, C, D, offset)
+    s, t = torch.tensor(scale), torch.tensor(-2.5)
+    sym = R == C and offset == 0
+    if kind == "softmax":
+        fn = lambda a, b, s, t: (
+            softmax_contrastive_loss(a, b, s, offset=offset, symmetric=sym, impl="triton") + 0 * t
+        )
+        rf = lambda a, b, s, t: softmax_contrastive_reference(a, b, s, offset, sym) + 0 * t
+    else:
+        fn = lambda a, b, s, t: sigmoid_contrastive_loss(a, b, s, t, offset=offset, impl="triton")
+        rf = lambda a, b, s, t: sigmoid_contrastive_reference(a, b, s, t, offset)
+    ai, bi = a.to(dtype), b.to(dtype)
+    loss, grads = _run(fn, ai, bi, s, t)
+    assert loss.dtype == torch.float32 and grads[0].dtype == dtype and grads[1].dtype == dtype
+    ra, rb = (ai, bi) if ref_inputs == "rounded" else (a, b)
+    ref_loss, ref_grads = _run(rf, ra.double(), rb.double(), s.double(), t.double())
+    out = {"loss": (loss.double() - ref_loss).abs().item() / max(ref_loss.abs().item(), 1.0)}
+    for name, g, rg in zip(("dA", "dB", "dscale", "dbias"), grads, ref_grads, strict=True):
+        out[name] = (g.double() - rg).abs().max().item() / max(rg.abs().max().item(), 1e-6)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sigmoid"])
+@pytest.mark.parametrize("R,C,offset", [(128, 128, 0), (32, 512, 128)])
+def test_triton_bf16_inputs_against_float64(kind, R, C, offset):
+    # Training-like widths (D = 512) at a size the interpreter runs in seconds.
+    for ref_inputs, col in (("rounded", 0), ("fp32", 1)):
+        for scale in (14.3, 100.0):
+            err = _errors(kind, R, C, 512, offset, scale, torch.bfloat16, ref_inputs)
+            bad = {k: v for k, v in err.items() if v > BF16_TOL[k][col]}
+            assert not bad, (ref_inputs, scale, err)
+    # The fp32 kernels stay an order of magnitude closer on the gradients: the check above
+    # is about bf16 rounding, not a loose kernel.
+    err32 = _errors(kind, R, C, 512, offset, 14.3, torch.float32, "rounded")
+    assert err32["dA"] < 1e-4 and err32["dB"] < 1e-4 and err32["loss"] < 1e-5, err32
+
+
+def test_interpreter_upcasts_only_there_and_tiles_can_be_pinned(monkeypatch):
+    # Under the interpreter bf16 operands are upcast before tl.dot (triton issue 11584); the
+    # GPU launch constants use the native bf16 dot. FGCLIP_LOSS_TILE pins one tile on a GPU.
+    assert launcher._fixed(512, torch.bfloat16)["UPCAST"] is True
+    assert launcher.tiles("grad") == launcher.INTERPRETER_TILES
+    gpu = launcher.gpu_constants(512, torch.bfloat16)
+    assert gpu["UPCAST"] is False and gpu["BLOCK_K"] == 64
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv(launcher.TILE_ENV, raising=False)
+    assert launcher._fixed(768, torch.bfloat16) == launcher.gpu_constants(768, torch.bfloat16)
+    assert launcher.tiles("fwd") == launcher.GPU_TILES["fwd"]
+    monkeypatch.setenv(launcher.TILE_ENV, "64,64,4,3")
+    assert launcher.tiles("fwd") == launcher.tiles("grad") == ((64, 64, 4, 3),)
+    for bad in ("64,64,4", "64,48,4,3", "a,b,c,d", "64,64,0,3"):
+        monkeypatch.setenv(launcher.TILE_ENV, bad)
+        with pytest.raises(ValueError, match=launcher.TILE_ENV):
+            launcher.tiles("grad")
+
+
+_AOT_SCRIPT = """
+import json, sys, torch
+from kernels.contrastive import aot, launcher
+out = []
+for kernel, flags in (
+    ("fwd", dict(HAS_TARGET=True, SOFTMAX=False)),
+    ("fwd", dict(HAS_TARGET=True, SOFTMAX=True)),
+    ("grad", dict(HAS_TARGET=True, SOFTMAX=True, HAS_ROW=True, HAS_COL=True)),
+):
+    for tile in launcher.GPU_TILES[kernel]:
+        out.append(aot.compile_tile(kernel, torch.bfloat16, 768, tile, flags).as_json())
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_no_autotune_tile_spills_on_sm90_at_training_shapes():
+    # Ahead-of-time sm_90 compiles (no GPU needed; ptxas's own report) of every tile the
+    # autotuner may pick, bf16 features, D = 512 / 768 (one binary: BLOCK_K = 64 for both), with
+    # the 16-divisibility the aligned training shapes give (b = 256..512 local rows, B up to 32K
+    # columns). Each kernel in its flag variants with the most registers (all 52 binaries:
+    # run/aot_loss_kernels.py, results in run/results/aot_loss_kernels_sm90.jsonl). Needs a
+    # process without TRITON_INTERPRET, where triton.jit makes compilable functions.
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", launcher.TILE_ENV)}
+    env["PYTHONPATH"] = str(root)
+    proc = subprocess.run(
+        [sys.executable, "-c", _AOT_SCRIPT], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(reports) == 2 * len(launcher.GPU_TILES["fwd"]) + len(launcher.GPU_TILES["grad"])
+    for r in reports:
+        assert r["n_spills"] == 0, r
+        assert 0 < r["n_regs"] <= 255 and r["shared"] <= 227 * 1024, r
+
+
+def test_loss_inputs_stay_bf16_on_cuda_by_default():
+    # precision.loss_in_fp32=auto (the default): train/step.py upcasts the embeddings only off
+    # CUDA; on a GPU the bf16 embeddings go into the kernels tested above.
+    from fgclip_mega.config import PrecisionConfig, load_config
+    from fgclip_mega.losses.dispatch import upcast_loss_inputs
+
+    assert PrecisionConfig().loss_in_fp32 == "auto"
+    assert upcast_loss_inputs("auto", torch.device("cuda", 0)) is False
+    assert upcast_loss_inputs("auto", "cpu") is True
+    assert upcast_loss_inputs(True, "cuda") is True and upcast_loss_inputs(False, "cpu") is False
+    assert load_config("tiny", None, ["precision.loss_in_fp32=true"]).precision.loss_in_fp32 is True
+    with pytest.raises(ValueError, match="loss_in_fp32"):
+        upcast_loss_inputs("maybe", "cuda")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kernels.contrastive import softmax_contrastive_loss
+from kernels.contrastive import softmax_contrastive_loss, unit_rows
 
 
 def zero_loss(*tensors: torch.Tensor) -> torch.Tensor:
@@ -33,7 +33,7 @@ def region_loss(
         raise ValueError(f"region {tuple(region.shape)} and phrase {tuple(phrase.shape)} differ")
     if region.shape[0] == 0:
         return zero_loss(region, phrase, scale)
-    r, p = F.normalize(region, dim=-1), F.normalize(phrase, dim=-1)
+    r, p = unit_rows(region), unit_rows(phrase)  # (K, D) each, normalised in fp32
     return softmax_contrastive_loss(r, p, scale, impl=impl, chunk_size=chunk_size)
 
 

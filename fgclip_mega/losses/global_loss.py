@@ -19,7 +19,6 @@ all-gather of the feature shapes, which must agree over ranks):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from fgclip_mega.losses.collectives import (
     all_gather_with_grad,
@@ -31,6 +30,7 @@ from kernels.contrastive import (
     pair_losses,
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
+    unit_rows,
 )
 
 
@@ -57,8 +57,9 @@ def global_contrastive_losses(
         raise ValueError("the sigmoid loss needs a logit bias")
     if gather not in ("allgather", "ring"):
         raise ValueError(f"gather must be allgather or ring, got {gather!r}")
-    img = F.normalize(image, dim=-1)  # (b, D)
-    txts = [F.normalize(t, dim=-1) for t in texts]
+    # In the embeddings' dtype (bf16 on GPUs), normalised in fp32: the kernels accumulate in fp32.
+    img = unit_rows(image)  # (b, D)
+    txts = [unit_rows(t) for t in texts]
     for t in txts:
         if t.shape != img.shape:
             raise ValueError(f"text {tuple(t.shape)} and image {tuple(img.shape)} differ")

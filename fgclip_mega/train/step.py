@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.distributed import finalize_model_grads
 
+from fgclip_mega.losses.dispatch import upcast_loss_inputs
 from fgclip_mega.objective import encode_batch
 from fgclip_mega.train.accumulate import accumulated_backward
 
@@ -53,7 +54,7 @@ def train_step(run, batch, step: int) -> StepOutput:
     # DP gradient reduction, plus the TP all-reduce of sequence-parallel params' grads (norms
     # see only their sequence slice) that finish_grad_sync alone would miss.
     reduce_grads = lambda: finalize_model_grads([ddp])  # noqa: E731
-    upcast = run.cfg.precision.loss_in_fp32
+    upcast = upcast_loss_inputs(run.cfg.precision.loss_in_fp32, run.runtime.device)
     if len(batches) > 1:
         out = accumulated_backward(run, batches, upcast, finish=reduce_grads)
     else:

@@ -12,6 +12,7 @@ from kernels.contrastive.ops import (
     sigmoid_contrastive_loss,
     softmax_contrastive_loss,
     stats_to_losses,
+    unit_rows,
 )
 from kernels.contrastive.reference import (
     sigmoid_contrastive_reference,
@@ -28,4 +29,5 @@ __all__ = [
     "sigmoid_contrastive_reference",
     "softmax_contrastive_loss",
     "softmax_contrastive_reference",
+    "unit_rows",
 ]

@@ -9,10 +9,19 @@ columns as fit); per slab `_grad_tile_kernel` writes G = dLoss/dx once and cuBLA
 dX += G @ Y and dY += G.T @ X (fp32 accumulation: out_dtype=float32 for bf16 / fp16 slabs).
 Memory: O(SLAB_ELEMS + (R + C) * D) beside the inputs, never R x C for large shapes.
 
-Tiles are autotuned on a GPU (`triton.autotune`, key: feature width, dtype, kernel flags). Under
-the interpreter (TRITON_INTERPRET=1, the CPU test path) the configuration list has one entry of
-few large tiles, because the interpreter's cost grows with the number of program instances, and
-the autotuner (which never benchmarks a single config) gets a CPU timer in case a test adds more.
+Precision: bf16 (or fp16) features go into the kernels as they are: the tile products run on the
+tensor cores' native bf16 dot with fp32 accumulation, the logits, statistics, G (before its one
+rounding to the input dtype for cuBLAS) and the scale/bias partials are fp32, and dX / dY are
+accumulated in fp32. fp32 features use 3xTF32 dots (~fp32 accuracy, 1.1-1.8x the registers).
+
+Tiles are autotuned on a GPU (`triton.autotune`, key: feature width, dtype, kernel flags) over
+GPU_TILES, chosen so that no binary spills registers on sm_90 at the aligned training shapes
+(checked ahead of time: kernels/contrastive/aot.py, run/aot_loss_kernels.py). FGCLIP_LOSS_TILE=
+"M,N,warps,stages" pins both kernels to that one tile (no autotuning: one binary per kernel
+variant, what run/gpu_check.py uses to bound its JIT time). Under the interpreter
+(TRITON_INTERPRET=1, the CPU test path) the configuration list has one entry of few large tiles,
+because the interpreter's cost grows with the number of program instances, and the autotuner
+(which never benchmarks a single config) gets a CPU timer in case a test adds more.
 """
 
 from __future__ import annotations
@@ -31,10 +40,18 @@ SLAB_ELEMS = 1 << 22
 SLAB_MAX_ROWS = 2048
 """Rows per slab at most: one slab row-range for typical local batches."""
 
-# GPU tile candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages). BLOCK_K is set per dtype.
-GPU_TILES = ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3))
+# GPU tile candidates per kernel: (BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is set per
+# dtype. Measured for sm_90 with ptxas (run/aot_loss_kernels.py, results in run/results/): with 4
+# warps the 64x128 / 128x64 tiles reach 255 registers and spill in fp32, and 128x128 (8 warps)
+# spills in the backward's softmax row+column variant in bf16 and fp32; with 8 warps the
+# rectangular tiles use <= 212 registers. 128x128 stays for the forward (<= 254, no spill).
+GPU_TILES = {
+    "fwd": ((64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 3)),
+    "grad": ((64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3)),
+}
 # Interpreter: one config, big tiles. Tests may replace it to exercise autotuning.
 INTERPRETER_TILES = ((64, 64, 1, 1),)
+TILE_ENV = "FGCLIP_LOSS_TILE"
 
 
 def interpreting() -> bool:
@@ -72,20 +89,52 @@ def _tuned(kernel_name: str, tiles: tuple):
     )(kernel)
 
 
+def pinned_tile() -> tuple[int, int, int, int] | None:
+    """The tile FGCLIP_LOSS_TILE="M,N,warps,stages" pins, or None."""
+    value = os.environ.get(TILE_ENV, "").strip()
+    if not value:
+        return None
+    try:
+        tile = tuple(int(v) for v in value.split(","))
+    except ValueError:
+        tile = ()
+    if len(tile) != 4 or min(tile) < 1 or any(v & (v - 1) for v in tile[:3]):
+        raise ValueError(
+            f"{TILE_ENV}={value!r}: want 'BLOCK_M,BLOCK_N,num_warps,num_stages' with powers of two "
+            f"for the first three, e.g. '64,64,4,3'"
+        )
+    return tile
+
+
+def tiles(kernel_name: str) -> tuple[tuple[int, int, int, int], ...]:
+    """The tile configurations the autotuner chooses from for this kernel."""
+    if interpreting():
+        return INTERPRETER_TILES
+    pinned = pinned_tile()
+    return (pinned,) if pinned else GPU_TILES[kernel_name]
+
+
 def _launch(kernel_name: str, grid, *args, **kwargs):
-    tiles = INTERPRETER_TILES if interpreting() else GPU_TILES
-    _tuned(kernel_name, tiles)[grid](*args, **kwargs)
+    _tuned(kernel_name, tiles(kernel_name))[grid](*args, **kwargs)
+
+
+def gpu_constants(D: int, dtype: torch.dtype) -> dict:
+    """Launch constants that are not tuned, on a GPU (kernels.contrastive.aot compiles these)."""
+    # fp32 inputs: 3xTF32 keeps ~fp32 accuracy on tensor cores; bf16 uses the native dot
+    # (bf16 x bf16 products are exact in the fp32 accumulator; PRECISION is unused for it).
+    if dtype == torch.float32:
+        return dict(BLOCK_K=_pow2(D, 16, 32), UPCAST=False, PRECISION="tf32x3")
+    return dict(BLOCK_K=_pow2(D, 16, 64), UPCAST=False, PRECISION="tf32")
 
 
 def _fixed(D: int, dtype: torch.dtype) -> dict:
     """Launch constants that are not tuned."""
     if interpreting():
-        # bf16 tl.dot is wrong in the interpreter (triton issue 11584): fp32 dots there.
+        # bf16 tl.dot is wrong in the interpreter (triton issue 11584): operands are upcast to
+        # fp32 before the dot, which then gives what the GPU's bf16 dot does (exact products,
+        # fp32 sums) up to summation order.
         return dict(BLOCK_K=_pow2(D, 16, 256), UPCAST=True, PRECISION="ieee")
-    # fp32 inputs: 3xTF32 keeps ~fp32 accuracy on tensor cores; bf16 uses the native dot.
-    if dtype == torch.float32:
-        return dict(BLOCK_K=_pow2(D, 16, 32), UPCAST=False, PRECISION="tf32x3")
-    return dict(BLOCK_K=_pow2(D, 16, 64), UPCAST=False, PRECISION="tf32")
+    return gpu_constants(D, dtype)
 
 
 @functools.cache
@@ -157,9 +206,11 @@ def slab_shape(R: int, C: int, elems: int | None = None) -> tuple[int, int]:
 
 
 def _mm_f32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x @ y with an fp32 result (fp32 accumulation for bf16 / fp16 operands on CUDA)."""
-    if x.dtype == torch.float32:
-        return torch.mm(x, y.float())  # the interpreter's fp32 G against bf16 features too
+    """x @ y with an fp32 result: fp32 accumulation of the (exact) bf16 / fp16 products."""
+    if x.dtype == torch.float32 or x.device.type != "cuda":
+        # The CPU has no mm with an fp32 result for bf16 operands: the upcast gives the same
+        # exact products and fp32 sums (the interpreter test path).
+        return torch.mm(x.float(), y.float())
     return torch.mm(x, y, out_dtype=torch.float32)
 
 
@@ -182,11 +233,11 @@ def bwd(a, b, scale, bias, kind, row_stat, g_row, col_stat, g_col, chunk=None, o
     row_stat = None if row_stat is None else row_stat.float().contiguous()
     col_stat = None if col_stat is None else col_stat.float().contiguous()
     fixed = _fixed(D, a.dtype)
-    # G in the operands' dtype so the cuBLAS products run on tensor cores (fp32 when interpreted).
-    g_dtype = torch.float32 if fixed["UPCAST"] else a.dtype
+    # G in the operands' dtype so the cuBLAS products run on tensor cores; the interpreter
+    # stores the same rounded G (its dot upcast does not change what G holds).
     rs, cs = slab_shape(R, C)
-    G = torch.empty(rs, cs, dtype=g_dtype, device=a.device)  # the slab, reused
-    min_block_n = min(n for _, n, _, _ in (INTERPRETER_TILES if interpreting() else GPU_TILES))
+    G = torch.empty(rs, cs, dtype=a.dtype, device=a.device)  # the slab, reused
+    min_block_n = min(n for _, n, _, _ in tiles("grad"))
     dummy = da  # never read when the matching HAS_* flag is off
     for i0 in range(0, R, rs):
         ni = min(rs, R - i0)
