@@ -134,7 +134,7 @@ class PrecisionConfig:
 @dataclass
 class DataConfig:
     shards: str = ""
-    """Path of a shard index (index.json) or a directory of zarr shards; empty = synthetic."""
+    """Shard index (index.json) or its directory, a path or URL (s3://...); empty = synthetic."""
     micro_batch_size: int = 8
     """Samples per data-parallel rank per forward; 0 = the largest the memory estimate fits."""
     max_boxes: int = 4
@@ -171,6 +171,12 @@ class DataConfig:
     """Squash resize with PIL-BILINEAR-style antialiasing (on) or plain bilinear sampling."""
     py_start_method: Literal["auto", "fork", "spawn"] = "auto"
     """Reader process start; auto = fork unless CUDA is already initialised, then spawn."""
+    read_ahead_windows: int = 1
+    """Shuffle windows read in the background ahead of the one in use (hides storage latency)."""
+    storage_attempts: int = 6
+    """Tries per object-store request on transient errors (timeouts, 5xx, resets), then an error."""
+    storage_timeout_s: float = 30.0
+    """Connect/read timeout of one object-store request; a stalled response counts as a try."""
 
 
 @dataclass
@@ -354,6 +360,9 @@ class Config:
         for name in ("num_threads", "prefetch_queue_depth", "read_block_size"):
             _require(getattr(d, name) >= 1, f"data.{name}", "must be >= 1")
         _require(d.shuffle_window_blocks >= 1, "data.shuffle_window_blocks", "must be >= 1")
+        _require(d.read_ahead_windows >= 0, "data.read_ahead_windows", "must be >= 0")
+        _require(d.storage_attempts >= 1, "data.storage_attempts", "must be >= 1")
+        _require(d.storage_timeout_s > 0, "data.storage_timeout_s", "must be > 0")
         loss = self.loss
         _require(loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
         for name in (
@@ -411,7 +420,12 @@ class Config:
             ("checkpoint.init_from", self.checkpoint.init_from),
             ("checkpoint.load", self.checkpoint.load),
         ):
-            _require(not value or Path(value).exists(), name, f"{value}: no such file or directory")
+            # Shards at an object-store URL (s3://...) are checked when the loader opens them
+            # (with retries); checkpoints are local paths.
+            remote = name.startswith("data.") and "://" in value and not value.startswith("file:")
+            local = value.removeprefix("file://")
+            missing = bool(value) and not remote and not Path(local).exists()
+            _require(not missing, name, f"{value}: no such file or directory")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from fgclip_mega.data import schema
 from fgclip_mega.data.batch import CLIP_MEAN, CLIP_STD, Batch, batch_from_arrays
 from fgclip_mega.data.shards import ShardSet, open_shard_set
 from fgclip_mega.data.source import OUTPUTS, SampleSource
-from fgclip_mega.data.stream import StreamLoader
+from fgclip_mega.data.stream import StreamLoader, storage_policy
 from fgclip_mega.data.transforms import normalise, squash_u8
 
 _log = logging.getLogger(__name__)
@@ -236,7 +236,7 @@ def build_loader(
     built once in `cfg.synthetic_dir` and used; concurrent ranks wait on a file lock.
     """
     if cfg.shards:
-        shards = open_shard_set(cfg.shards)
+        shards = open_shard_set(cfg.shards, storage_policy(cfg))
     else:
         from fgclip_mega.data.embedded import ensure_synthetic_shards
 

@@ -20,6 +20,9 @@ Large arrays use zarr sharding (few files per shard); token arrays are zstd-comp
 256-row chunks so that a block read of 256+ samples touches one or two chunks. A shard counts as
 finished only once `shard-NNNNNN.done.json` (the completion marker) exists; `index.json` lists
 finished shards with their sample counts and is written last, atomically.
+
+Every path here may also be an fsspec URL (s3://bucket/prefix/...): `storage.py` opens it, with
+bounded retries on transient errors.
 """
 
 from __future__ import annotations
@@ -27,14 +30,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from fgclip_mega.data import tokenizer
+from fgclip_mega.data import storage, tokenizer
 from fgclip_mega.data.ingest import Sample
 from fgclip_mega.data.schema import LONG_CONTEXT, SHARD, SHORT_CONTEXT, check_shard_arrays
 
@@ -52,26 +54,25 @@ def shard_name(i: int) -> str:
     return f"shard-{i:06d}.zarr"
 
 
-def marker_path(shard_path: str | Path) -> Path:
+def marker_path(shard_path: str | Path) -> Path | str:
+    """shard-N.zarr -> shard-N.done.json beside it (a Path, or a URL string for a URL)."""
+    if storage.is_url(shard_path):
+        name = storage.basename(shard_path).removesuffix(".zarr") + ".done.json"
+        return storage.join(storage.parent(shard_path), name)
     p = Path(shard_path)
     return p.with_name(p.name.removesuffix(".zarr") + ".done.json")
 
 
-def atomic_write_json(path: Path, obj: object) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def atomic_write_json(path: Path | str, obj: object) -> None:
+    """A temporary file renamed into place (one PUT on an object store: atomic as well)."""
+    storage.write_json(path, obj)
 
 
 def read_marker(shard_path: str | Path) -> dict | None:
     """The completion marker of a finished shard, or None (missing or half-written)."""
     try:
-        with open(marker_path(shard_path), encoding="utf-8") as fh:
-            return json.load(fh)
-    except (FileNotFoundError, json.JSONDecodeError):
+        return storage.read_json(marker_path(shard_path))
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -102,10 +103,8 @@ def write_shard(
     import zarr
     from zarr.codecs import ZstdCodec
 
-    path = Path(path)
-    marker_path(path).unlink(missing_ok=True)
-    if path.exists():
-        shutil.rmtree(path)
+    storage.remove(marker_path(path))
+    storage.remove_tree(path)
     n = len(samples)
     k = num_negatives
     counts = np.array([len(s.boxes) for s in samples], dtype=np.int64)
@@ -150,7 +149,7 @@ def write_shard(
         "neg_texts": neg_texts,
     }
     check_shard_arrays(arrays, n, m, k)
-    group = zarr.open_group(str(path), mode="w")
+    group = zarr.open_group(store=storage.open_store(path, "w"), mode="w", zarr_format=3)
     total = int(image_offsets[-1])
     for field in SHARD:
         value = arrays[field.name]
@@ -220,11 +219,12 @@ class Block:
 class ShardReader:
     """Reads one shard; arrays are opened once and sliced in contiguous ranges."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, policy: storage.RetryPolicy = storage.DEFAULT_POLICY):
         import zarr
 
         self.path = str(path)
-        self.group = zarr.open_group(self.path, mode="r")
+        store = storage.open_store(self.path, "r", policy)
+        self.group = zarr.open_group(store=store, mode="r", zarr_format=3)
         attrs = dict(self.group.attrs)
         if attrs.get("format") != FORMAT:
             raise ValueError(f"{self.path}: not an {FORMAT} shard (format={attrs.get('format')})")
@@ -298,9 +298,8 @@ class ShardReader:
 # ----------------------------------------------------------------------------- index
 
 
-def write_index(root: str | Path, shards: list[dict], meta: dict) -> Path:
+def write_index(root: str | Path, shards: list[dict], meta: dict) -> Path | str:
     """Writes root/index.json atomically; `shards` items have path (relative), num_samples."""
-    root = Path(root)
     index = {
         "format": FORMAT,
         "version": VERSION,
@@ -309,7 +308,7 @@ def write_index(root: str | Path, shards: list[dict], meta: dict) -> Path:
         **meta,
         "shards": shards,
     }
-    path = root / INDEX_NAME
+    path = storage.join(root, INDEX_NAME) if storage.is_url(root) else Path(root) / INDEX_NAME
     atomic_write_json(path, index)
     return path
 
@@ -339,24 +338,38 @@ class ShardSet:
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def open_shard_set(path: str | Path) -> ShardSet:
-    """Reads an index.json (or the one inside a directory); empty shards are left out."""
-    path = Path(path)
-    index_path = path / INDEX_NAME if path.is_dir() else path
-    if not index_path.is_file():
-        raise FileNotFoundError(f"no shard index at {index_path} (build it with data_prep)")
-    with open(index_path, encoding="utf-8") as fh:
-        index = json.load(fh)
+def open_shard_set(
+    path: str | Path, policy: storage.RetryPolicy = storage.DEFAULT_POLICY
+) -> ShardSet:
+    """Reads an index.json (or the one inside a directory, local or at a URL ending in '/');
+    empty shards are left out."""
+    if storage.is_url(path):
+        url = str(path)
+        index_path = url if url.endswith(".json") else storage.join(url, INDEX_NAME)
+        where = storage.redact(index_path)
+        try:
+            index = storage.read_json(index_path, policy)
+        except FileNotFoundError:
+            msg = f"no shard index at {where} (build it with data_prep)"
+            raise FileNotFoundError(msg) from None
+    else:
+        path = Path(storage.local_path(path))
+        index_path = path / INDEX_NAME if path.is_dir() else path
+        where = str(index_path)
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no shard index at {index_path} (build it with data_prep)")
+        with open(index_path, encoding="utf-8") as fh:
+            index = json.load(fh)
     if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise ValueError(f"{index_path}: not an {FORMAT} v{VERSION} index")
-    root = index_path.parent
+        raise ValueError(f"{where}: not an {FORMAT} v{VERSION} index")
+    root = storage.parent(index_path)
     shards = [s for s in index["shards"] if s["num_samples"] > 0]
     if not shards:
-        raise ValueError(f"{index_path}: the index lists no samples")
+        raise ValueError(f"{where}: the index lists no samples")
     meta = {k: v for k, v in index.items() if k != "shards"}
     return ShardSet(
-        root=str(root),
-        paths=[str(root / s["path"]) for s in shards],
+        root=root,
+        paths=[storage.join(root, s["path"]) for s in shards],
         sizes=np.array([s["num_samples"] for s in shards], dtype=np.int64),
         meta=meta,
     )

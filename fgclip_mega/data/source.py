@@ -4,12 +4,21 @@
 `spec.start`: JPEG bytes plus fixed-shape token, box and hard-negative arrays. It is a pure
 function of (spec, step), so DALI may run it in any worker process, prefetch ahead, or be rebuilt
 at a new start position for an exact resume. Blocks are read contiguously from the shards and
-cached per shuffle window. Imports only numpy/zarr: DALI's spawned workers import this module.
+cached per shuffle window.
+
+Read-ahead: while a window is in use, the next `spec.read_ahead` windows are read by a
+background thread, their blocks concurrently (`_IO_THREADS`): on an object store each block
+costs round trips of tens of milliseconds, which the training step then no longer waits for.
+What is read, and so every batch, is the same with or without read-ahead.
+Imports only numpy/zarr/fsspec: DALI's spawned workers import this module.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,11 +26,13 @@ import numpy as np
 from fgclip_mega.data.order import StreamOrder, Transition
 from fgclip_mega.data.schema import OUTPUT_NAMES, allocate_outputs
 from fgclip_mega.data.shards import Block, ShardReader
+from fgclip_mega.data.storage import DEFAULT_POLICY, RetryPolicy
 from fgclip_mega.data.tokenizer import fit_context
 from fgclip_mega.data.worker_guard import guard_worker
 
 OUTPUTS = OUTPUT_NAMES  # per-sample outputs in DALI order: see schema.OUTPUTS
 REGION_TEXT = ("random", "short", "long")
+_IO_THREADS = 8  # concurrent block reads of one window (latency-bound on object stores)
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,8 @@ class SourceSpec:
     long_context: int = 248
     region_text: str = "random"
     transition: Transition | None = None  # set after a resume at another dp_size (order.py)
+    read_ahead: int = 1  # windows read in the background ahead of the one in use
+    storage: RetryPolicy = DEFAULT_POLICY  # retries/timeouts of object-store reads
 
     def order(self) -> StreamOrder:
         return StreamOrder(
@@ -91,6 +104,21 @@ class SampleSource:
         self.order = self.spec.order()
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._windows: OrderedDict[tuple[int, int], _Window] = OrderedDict()
+        self._ahead: dict[tuple[int, int], Future] = {}
+        self._lock = threading.Lock()
+        self._pools: tuple[int, ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+
+    def _pool(self, which: int) -> ThreadPoolExecutor:
+        """0: the read-ahead thread, 1: block readers. Created in the process that uses them
+        (a forked DALI worker inherits no threads)."""
+        if self._pools is None or self._pools[0] != os.getpid():
+            self._pools = (
+                os.getpid(),
+                ThreadPoolExecutor(1, thread_name_prefix="read-ahead"),
+                ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="block-read"),
+            )
+            self._ahead = {}
+        return self._pools[1 + which]
 
     def __getstate__(self) -> dict:
         return {"spec": self.spec, "guard": self.guard}  # readers/caches rebuilt in the worker
@@ -103,8 +131,12 @@ class SampleSource:
         self._init()
 
     def _reader(self, shard: int) -> ShardReader:
+        with self._lock:  # block-reader threads share the cache
+            return self._reader_locked(shard)
+
+    def _reader_locked(self, shard: int) -> ShardReader:
         if shard not in self._readers:
-            reader = ShardReader(self.spec.paths[shard])
+            reader = ShardReader(self.spec.paths[shard], self.spec.storage)
             if reader.num_samples != self.spec.sizes[shard]:
                 raise ValueError(
                     f"{reader.path} has {reader.num_samples} samples, the index says "
@@ -120,18 +152,51 @@ class SampleSource:
                 self._readers.popitem(last=False)
         return self._readers[shard]
 
+    def _read_window(self, epoch: int, w: int) -> _Window:
+        spans = self.order.plan(epoch).window_blocks[w]
+
+        def read(span) -> Block:
+            shard, lo, hi = (int(v) for v in span)
+            return self._reader(shard).read_block(lo, hi)
+
+        if self.spec.read_ahead > 0 and len(spans) > 1:
+            blocks = list(self._pool(1).map(read, spans))
+        else:
+            blocks = [read(span) for span in spans]
+        rows = {}
+        for b, (shard, lo, hi) in enumerate(spans):
+            first = int(self.order.offsets[shard] + lo)
+            rows.update({first + r: (b, r) for r in range(int(hi - lo))})
+        return _Window(blocks, rows)
+
+    def _next_windows(self, epoch: int, w: int):
+        """The `spec.read_ahead` windows after (epoch, w), in stream order."""
+        for _ in range(self.spec.read_ahead):
+            if w + 1 < len(self.order.plan(epoch).window_blocks):
+                epoch, w = epoch, w + 1
+            else:
+                epoch, w = epoch + 1, 0
+                if not self.order.plan(epoch).window_blocks:  # an empty transition share
+                    return
+            yield epoch, w
+
     def _window(self, epoch: int, w: int) -> _Window:
         key = (epoch, w)
+        if self.spec.read_ahead > 0:
+            self._pool(0)  # in a new (forked) process: fresh pools, no stale futures
         if key not in self._windows:
-            plan = self.order.plan(epoch)
-            blocks, rows = [], {}
-            for b, (shard, lo, hi) in enumerate(plan.window_blocks[w]):
-                blocks.append(self._reader(int(shard)).read_block(int(lo), int(hi)))
-                first = int(self.order.offsets[shard] + lo)
-                rows.update({first + r: (b, r) for r in range(int(hi - lo))})
-            self._windows[key] = _Window(blocks, rows)
+            pending = self._ahead.pop(key, None)
+            # A failed read-ahead raises here, in the step that needs the window.
+            self._windows[key] = pending.result() if pending else self._read_window(epoch, w)
             if len(self._windows) > 2:  # a batch spans at most two windows
                 self._windows.popitem(last=False)
+            if self.spec.read_ahead > 0:
+                wanted = list(self._next_windows(epoch, w))
+                for old in [k for k in self._ahead if k not in wanted]:
+                    self._ahead.pop(old).cancel()
+                for nxt in wanted:
+                    if nxt not in self._windows and nxt not in self._ahead:
+                        self._ahead[nxt] = self._pool(0).submit(self._read_window, *nxt)
         return self._windows[key]
 
     def batch(self, step: int) -> dict[str, list | np.ndarray]:

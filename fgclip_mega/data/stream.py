@@ -11,11 +11,18 @@ from fgclip_mega.config import DataConfig
 from fgclip_mega.data.order import Transition, transition_after
 from fgclip_mega.data.shards import ShardReader, ShardSet, open_shard_set
 from fgclip_mega.data.source import SampleSource, SourceSpec
+from fgclip_mega.data.storage import RetryPolicy
 
 STATE_VERSION = 1
+
 # State fields that fix the sample order; a resume with any of them changed is refused (a changed
 # dp_size is continued through a transition epoch, see order.py).
 _ORDER_FIELDS = ("seed", "fingerprint", "block_size", "window_blocks")
+
+
+def storage_policy(cfg: DataConfig) -> RetryPolicy:
+    """Retries and timeouts of object-store requests (DataConfig.storage_*)."""
+    return RetryPolicy(attempts=cfg.storage_attempts, timeout_s=cfg.storage_timeout_s)
 
 
 class StreamLoader:
@@ -39,7 +46,8 @@ class StreamLoader:
     ):
         self.cfg = cfg
         self.image_size = image_size
-        self.shards = shards if shards is not None else open_shard_set(cfg.shards)
+        policy = storage_policy(cfg)
+        self.shards = shards if shards is not None else open_shard_set(cfg.shards, policy)
         self.spec = SourceSpec(
             paths=tuple(self.shards.paths),
             sizes=tuple(int(s) for s in self.shards.sizes),
@@ -55,6 +63,8 @@ class StreamLoader:
             short_context=short_context,
             long_context=long_context,
             region_text=cfg.region_text,
+            read_ahead=cfg.read_ahead_windows,
+            storage=policy,
         )
         SampleSource(self.spec)  # validates the spec here, not in a worker process
         self.order = self.spec.order()
@@ -84,7 +94,8 @@ class StreamLoader:
         out = []
         for sid, shard in zip(sample_ids.tolist(), shards.tolist(), strict=True):
             if shard not in self._keys:
-                self._keys[shard] = ShardReader(self.shards.paths[shard]).keys()
+                path = self.shards.paths[shard]
+                self._keys[shard] = ShardReader(path, self.spec.storage).keys()
                 if len(self._keys) > 64:
                     self._keys.popitem(last=False)
             out.append(self._keys[shard][sid - int(offsets[shard])])
