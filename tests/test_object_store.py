@@ -220,6 +220,31 @@ def test_check_paths_takes_urls_for_shards_but_not_for_checkpoints(tmp_path):
             load_config("tiny", None, [bad])
 
 
+def test_build_shards_out_s3_writes_the_local_bytes_through_faults(s3):
+    """build_shards --out s3://... (2 workers, through faults) writes exactly the objects of the
+    local build, byte for byte; a rerun reuses every shard."""
+    import s3fs
+
+    root = s3["root"]
+    args = (str(root / "raw_train/train.jsonl"), str(root / "raw_train/images"))
+    s3["proxy"].reset(_plans())
+    build_shards(*args, "s3://faulty/built", shard_size=SHARD, workers=2, progress=False)
+    assert sum(s3["proxy"].stats.faults.values()) > 0
+    again = build_shards(*args, "s3://faulty/built", shard_size=SHARD, workers=1, progress=False)
+    assert again["reused_shards"] == N // SHARD
+    fs = s3fs.S3FileSystem(endpoint_url=s3["server"].url)  # read back straight from moto
+    local = sorted(str(p.relative_to(root / "train")) for p in (root / "train").rglob("*")
+                   if p.is_file())  # fmt: skip
+    remote = sorted(k.removeprefix("faulty/built/") for k in fs.find("faulty/built"))
+    assert remote == local
+    for rel in local:
+        assert fs.cat_file(f"faulty/built/{rel}") == (root / "train" / rel).read_bytes(), rel
+    assert (
+        open_shard_set("s3://clean/train", FAST).fingerprint
+        == open_shard_set("s3://faulty/built", FAST).fingerprint
+    )
+
+
 # ----------------------------------------------------------------------------- DP=2 training
 
 

@@ -72,7 +72,19 @@ def bucket_manifest_name(bucket: int) -> str:
 
 
 class BuildStore:
-    """A build directory on the local filesystem (or a shared one: NFS, Lustre, GPFS)."""
+    """A build directory on the local filesystem (or a shared one: NFS, Lustre, GPFS).
+
+    `BuildStore("s3://bucket/prefix")` (any fsspec URL) is a `build_store_url.UrlBuildStore`.
+    """
+
+    def __new__(cls, root: str | os.PathLike):
+        from fgclip_mega.data.storage import is_url
+
+        if cls is BuildStore and is_url(root):
+            from fgclip_mega.data.build_store_url import UrlBuildStore
+
+            return super().__new__(UrlBuildStore)
+        return super().__new__(cls)
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
