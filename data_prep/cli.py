@@ -26,6 +26,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fgclip-prep: unknown command {argv[0]!r}", file=sys.stderr)
         return 0 if known else 2
     command, rest = argv[0], argv[1:]
+    sys.argv[0] = f"fgclip-prep {command}"  # the subcommand's usage lines name it
     if command == "synthetic":
         from data_prep.synthetic import generate, parse_args
 

@@ -18,5 +18,7 @@ def setup_logging() -> int:
     # megatron-core logs every parameter name and its full optimizer config at INFO, and warns
     # at import that apex/TE are absent (`python -m fgclip_mega.env` reports the fallbacks).
     logging.getLogger("megatron").setLevel(logging.WARNING)
+    # torch warns on import that a CPU-only machine has no CUDA runtime (fgclip-env reports it).
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     return rank

@@ -155,3 +155,12 @@ def test_export_of_a_non_checkpoint_is_one_line_and_writes_nothing(tmp_path, cap
     assert not out.exists()
     with pytest.raises(SystemExit):
         main([str(tmp_path), str(out), "--format", "onnx"])  # argparse names the choices
+
+
+def test_the_export_command_starts_without_torch():
+    import subprocess
+    import sys
+
+    probe = ("import sys, fgclip_mega.checkpoint.export as e\n"
+             "assert not {'torch', 'megatron'} & set(sys.modules)\n")  # fmt: skip
+    subprocess.run([sys.executable, "-c", probe], check=True, timeout=60)

@@ -226,7 +226,10 @@ def _cli(out: Path, *overrides: str) -> list[str]:
 @pytest.mark.slow
 def test_training_killed_and_resumed_leaves_sinks_equal_to_jsonl(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    # Not WANDB_SERVICE: this test process's own wandb-core (started by the tests above) would
+    # serve the children too and keep the killed run's stream open ("run ID ... is in use").
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    env.update(OMP_NUM_THREADS="2", WANDB_MODE="offline", WANDB_SILENT="true")
     proc = subprocess.Popen(_cli(out, "train.steps=400"), cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     log = []
@@ -254,6 +257,8 @@ def test_training_killed_and_resumed_leaves_sinks_equal_to_jsonl(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resumed from" in rerun.stderr and "at step 3" in rerun.stderr
     assert "metric sink" not in rerun.stderr  # no sink failed or was missing
+    # W&B's console capture is over before the command prints its summary line.
+    assert json.loads(rerun.stdout.strip().splitlines()[-1])["steps"] == 7
     want = expected(out)
     assert sorted(want) == list(range(1, 8))
     assert {"eval/i2t_long_r1", "train/loss"} <= set(want[3]) and "eval/i2t_long_r1" in want[7]

@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", metavar="OUT_DIR")
     parser.add_argument("--format", choices=sorted(FORMATS), default="hf-clip")
     args = parser.parse_args(argv)
+    from fgclip_mega.cli import setup_logging
 
+    setup_logging()
     from fgclip_mega.checkpoint.errors import CheckpointError
     from fgclip_mega.config import ConfigError
 
