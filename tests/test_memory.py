@@ -130,3 +130,36 @@ def test_parameter_count_matches_the_built_model(world):
     n, temps = memory.local_parameters(cfg)
     assert n == sum(p.numel() for p in model.parameters())
     assert temps == len(model.temperatures())
+
+
+LOSS_TOLERANCE = 0.10
+"""The loss model leaves out the per-row norms and statistics (a few % at these widths)."""
+
+
+@pytest.mark.parametrize("stage", ["global", "regional"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_estimate_matches_saved_tensors(stage, dtype):
+    """What the objective keeps for backward (one rank, chunked kernels) vs `loss_bytes`."""
+    from fgclip_mega.objective import Embeddings, Objective
+
+    cfg = tiny()
+    if dtype == torch.bfloat16:
+        cfg.precision.params_dtype = cfg.precision.compute_dtype = "bf16"
+        cfg.precision.loss_in_fp32 = False  # bf16 embeddings into the losses
+    p, b = cfg.model.projection_dim, 16
+    r, k1 = b * cfg.data.max_boxes, 1 + cfg.data.num_hard_negatives
+    g = torch.Generator().manual_seed(0)
+
+    def leaf(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(True)
+
+    emb = Embeddings(leaf(b, p), leaf(b, p), leaf(b, p))
+    if stage == "regional":
+        emb.region, emb.region_text = leaf(r, p), leaf(r, p)
+        emb.hard_region, emb.hard_text = leaf(r, p), leaf(r, k1, p)
+    objective = Objective(cfg.loss, regional=stage == "regional", impl="chunked")
+    temps = {n: torch.tensor(2.6, requires_grad=True) for n in objective.temperature_names()}
+    out, measured = saved_bytes(lambda: objective(emb, temps), list(temps.values()))
+    kept, _ = memory.loss_bytes(cfg, b, 1, stage, "chunked")
+    assert abs(kept - measured) / measured < LOSS_TOLERANCE, (kept, measured)
+    out.total.backward()  # what was kept is what the backward reads
