@@ -202,7 +202,8 @@ def write_instances(root: Path, images: dict[str, Path], lvis: bool = False) -> 
     folder.mkdir(parents=True, exist_ok=True)
     anns = {
         "chelsea": [(120, 30, 200, 220, "cat", 0)],
-        "coffee": [(150, 60, 300, 250, "cup", 0), (140, 50, 320, 270, "cup", 1)],
+        # fractional: the crop baseline cuts int(x), int(w) as upstream, RoI keeps them
+        "coffee": [(150.6, 60.4, 300.7, 250.2, "cup", 0), (140, 50, 320, 270, "cup", 1)],
         "rocket": [(250, 80, 120, 300, "rocket", 0)],
         "scene0": [(10, 20, 60, 60, "square", 0), (90, 30, 60, 60, "circle", 0),
                    (100, 40, 0, 30, "circle", 0)],  # zero width: a counted skip

@@ -379,3 +379,30 @@ def test_compare_golden_prints_deltas_against_the_published_numbers():
     assert "no published fgovd number" in deltas_table("fgclip-v1-large", "fgovd", {})
     with pytest.raises(ConfigError, match="known models"):
         deltas("fgclip-v9", "dci", {})
+
+
+def test_caption_files_karpathy_coco_and_blip_style_lists(tmp_path):
+    from fgclip_mega.eval.benchmarks.common import BenchmarkError
+    from fgclip_mega.eval.benchmarks.retrieval import read_pairs
+
+    args = SimpleNamespace(split="test", limit=1000)
+    karpathy = {"images": [
+        {"filepath": "val2014", "filename": "a.jpg", "split": "test",
+         "sentences": [{"raw": f"cap {i}"} for i in range(5)]},
+        {"filepath": "val2014", "filename": "b.jpg", "split": "restval", "sentences": []},
+    ]}  # fmt: skip
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    got = read_pairs("coco", tmp_path / "dataset_coco.json", tmp_path / "imgs", args)
+    assert got == [(tmp_path / "imgs" / "val2014" / "a.jpg", [f"cap {i}" for i in range(5)])]
+    blip = [{"image": "flickr30k-images/1.jpg", "caption": ["x", "y"]},
+            {"image": "flickr30k-images/2.jpg", "caption": "z"}]  # fmt: skip
+    (tmp_path / "flickr30k_test.json").write_text(json.dumps(blip))
+    got = read_pairs("flickr30k", tmp_path / "flickr30k_test.json", tmp_path, args)
+    assert got == [(tmp_path / "flickr30k-images/1.jpg", ["x", "y"]),
+                   (tmp_path / "flickr30k-images/2.jpg", ["z"])]  # fmt: skip
+    (tmp_path / "bad.json").write_text(json.dumps({"something": 1}))
+    with pytest.raises(BenchmarkError, match="not a COCO captions, Karpathy or BLIP-style"):
+        read_pairs("coco", tmp_path / "bad.json", tmp_path, args)
+    (tmp_path / "share.json").write_text(json.dumps([{"image": "x.jpg", "conversations": []}]))
+    with pytest.raises(BenchmarkError, match=r"row 0: conversations\[1\]\.value"):
+        read_pairs("sharegpt4v", tmp_path / "share.json", tmp_path, args)

@@ -87,6 +87,7 @@ def run(encoder, args, protocol, group, dataset: str) -> dict:
         group,
         global_features=False,
         skip_missing=args.skip_missing_images,
+        threads=args.threads,
     )
     classes = class_embeddings(
         encoder,

@@ -45,6 +45,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="count and skip annotation entries whose image file is missing (default: fail)",
     )
+    p.add_argument("--threads", type=int, default=4, help="image decode threads per rank")
     p.add_argument("--limit", type=int, default=1000, help="sharegpt4v: first N rows")
     p.add_argument("--split", default="test", help="Karpathy / DOCCI split")
     p.add_argument("--captions-per-image", type=int, default=5, help="coco, flickr30k")

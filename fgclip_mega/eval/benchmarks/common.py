@@ -80,6 +80,40 @@ class ImageJob:
     boxes: list = field(default_factory=list)
 
 
+def _crop_box(box, nb: list[float], w: int, h: int, box_format: str):
+    """Upstream's crop baseline box: integer x, y, w, h of the pixel box (lvis_box_cls_ddp.py:
+    `map(int, bbox)`), None when that leaves no pixel."""
+    if box_format == "xywh":
+        x, y, bw, bh = (int(float(v)) for v in box)
+    else:
+        x, y = int(nb[0] * w), int(nb[1] * h)
+        bw, bh = int(nb[2] * w) - x, int(nb[3] * h) - y
+    return (x, y, x + bw, y + bh) if bw > 0 and bh > 0 else None
+
+
+def _prepare(job: ImageJob, protocol: Protocol, global_features: bool, skip_missing: bool):
+    """(record, full-image pixels or None, [(box slot, normalised box or crop pixels)])."""
+    try:
+        img = open_rgb(job.path)
+    except FileNotFoundError:
+        if not skip_missing:
+            raise
+        return {"missing": True}, None, []
+    w, h = img.size
+    roi = protocol.box_features == "roi"
+    full = pixels(img, protocol) if global_features or (job.boxes and roi) else None
+    parts = []
+    for j, box in enumerate(job.boxes):
+        nb = normalised_box(box, w, h, protocol.box_format)
+        if nb is None:
+            continue
+        if roi:
+            parts.append((j, nb))
+        elif (c := _crop_box(box, nb, w, h, protocol.box_format)) is not None:
+            parts.append((j, pixels(img.crop(c), protocol)))
+    return {"boxes": [None] * len(job.boxes)}, full, parts
+
+
 def encode_images(
     encoder,
     jobs: list[ImageJob],
@@ -89,41 +123,32 @@ def encode_images(
     *,
     global_features: bool,
     skip_missing: bool,
+    threads: int = 4,
 ) -> list[dict]:
     """Per job: {"missing": True} (only with skip_missing, else FileNotFoundError), or
-    {"image": (P,) or None, "boxes": [(P,) or None for each box]}, None for a box with no area
-    or outside the image (see normalised_box). Box features follow protocol.box_features."""
+    {"image": (P,) or None, "boxes": [(P,) or None for each box]}, None for a box with no area,
+    outside the image (see normalised_box) or, cropped, under a pixel. Box features follow
+    protocol.box_features. Images are decoded and resized in `threads` threads (PIL releases
+    the GIL there); the result does not depend on their number."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max(1, threads))
 
     def fn(a: int, b: int) -> list[dict]:
-        records: list[dict] = [{} for _ in range(a, b)]
-        full, rois, crops, crop_slots = [], [], [], []
-        for i, job in enumerate(jobs[a:b]):
-            try:
-                img = open_rgb(job.path)
-            except FileNotFoundError:
-                if not skip_missing:
-                    raise
-                records[i] = {"missing": True}
-                continue
-            records[i] = {"boxes": [None] * len(job.boxes), "slot": len(full)}
-            w, h = img.size
-            needs_full = global_features or (job.boxes and protocol.box_features == "roi")
-            if needs_full:
-                full.append(pixels(img, protocol))
-            for j, box in enumerate(job.boxes):
-                nb = normalised_box(box, w, h, protocol.box_format)
-                if nb is None:
-                    continue
-                if protocol.box_features == "roi":
-                    rois.append([len(full) - 1, *nb])
+        prepared = list(
+            pool.map(lambda j: _prepare(j, protocol, global_features, skip_missing), jobs[a:b])
+        )
+        full, slots, rois, crops, box_slots = [], [], [], [], []
+        for i, (_, pix, parts) in enumerate(prepared):
+            slots.append(len(full) if pix is not None else None)
+            if pix is not None:
+                full.append(pix)
+            for j, part in parts:
+                if isinstance(part, list):
+                    rois.append([slots[i], *part])
                 else:
-                    x1, y1, x2, y2 = (nb[0] * w, nb[1] * h, nb[2] * w, nb[3] * h)
-                    # Upstream's crop baseline: integer pixel box, cropped, squashed to S x S.
-                    crop = img.crop(
-                        (int(x1), int(y1), max(int(x2), int(x1) + 1), max(int(y2), int(y1) + 1))
-                    )
-                    crops.append(pixels(crop, protocol))
-                crop_slots.append((i, j))
+                    crops.append(part)
+                box_slots.append((i, j))
         image_emb = region_emb = None
         if full:
             stack = torch.stack(full)
@@ -133,12 +158,18 @@ def encode_images(
                 region_emb = encoder.regions(stack, torch.tensor(rois, dtype=torch.float32))
         if crops:
             region_emb = encoder.images(torch.stack(crops))
-        for k, (i, j) in enumerate(crop_slots):
+        records = [rec for rec, _, _ in prepared]
+        for k, (i, j) in enumerate(box_slots):
             records[i]["boxes"][j] = region_emb[k].clone()
-        for rec in records:
-            slot = rec.pop("slot", None)
-            if slot is not None:
-                rec["image"] = image_emb[slot].clone() if image_emb is not None else None
+        for rec, slot in zip(records, slots, strict=True):
+            if not rec.get("missing"):
+                image = (
+                    image_emb[slot].clone() if image_emb is not None and slot is not None else None
+                )
+                rec["image"] = image
         return records
 
-    return map_batches(len(jobs), batch_size, fn, group, "images")
+    try:
+        return map_batches(len(jobs), batch_size, fn, group, "images")
+    finally:
+        pool.shutdown()

@@ -110,6 +110,7 @@ def evaluate_level(encoder, path: Path, image_root: Path, protocol, args, group)
                 group,
                 global_features=False,
                 skip_missing=args.skip_missing_images,
+                threads=args.threads,
             ),
             strict=True,
         )

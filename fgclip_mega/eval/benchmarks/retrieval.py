@@ -162,6 +162,7 @@ def run(encoder, args, protocol, group, task: str) -> dict:
         group,
         global_features=True,
         skip_missing=args.skip_missing_images,
+        threads=args.threads,
     )
     feats, texts, owner = [], [], []
     for (path, caps), rec in zip(kept, encoded, strict=True):

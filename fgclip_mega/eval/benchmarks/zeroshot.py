@@ -91,7 +91,14 @@ def run(encoder, args, protocol, group) -> dict:
     layout, items = read_folder(Path(args.data), len(names))
     jobs = [ImageJob(path) for path, _ in items]
     encoded = encode_images(
-        encoder, jobs, protocol, args.batch_size, group, global_features=True, skip_missing=False
+        encoder,
+        jobs,
+        protocol,
+        args.batch_size,
+        group,
+        global_features=True,
+        skip_missing=False,
+        threads=args.threads,
     )
     classes = class_embeddings(
         encoder,
