@@ -26,6 +26,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fgclip_mega.models.attention import attention
+from fgclip_mega.models.fused import (  # noqa: F401 - ACTIVATIONS: the NaFlex head's
+    ACTIVATIONS,
+    BIAS_ACTIVATIONS,
+)
 
 
 def megatron_config(
@@ -126,18 +130,6 @@ class RowParallel(RowParallelLinear):
         return super()._forward_impl(input, weight, *args, **kwargs)
 
 
-def quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-# MLP activations by their HF `hidden_act` names: OpenAI CLIP's, and SigLIP's gelu_pytorch_tanh.
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu_tanh": gelu_tanh}
-
-
 class SelfAttention(nn.Module):
     def __init__(
         self,
@@ -229,7 +221,9 @@ class MLP(nn.Module):
         activation: str = "quick_gelu",
     ):
         super().__init__()
-        self.act = ACTIVATIONS[activation]
+        # fc1 leaves its bias to the activation: one autograd node keeps only the GEMM output
+        # for backward (models/fused.py).
+        self.bias_act = BIAS_ACTIVATIONS[activation]
         self.fc1 = ColumnParallelLinear(
             width,
             mlp_width,
@@ -237,6 +231,7 @@ class MLP(nn.Module):
             init_method=normal_init((2 * width) ** -0.5),
             bias=True,
             gather_output=False,
+            skip_bias_add=True,
             tp_group=tp_group,
         )
         self.fc2 = RowParallel(
@@ -251,7 +246,8 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)[0]))[0]
+        y, bias = self.fc1(x)  # (N, B, F/tp), (F/tp,)
+        return self.fc2(self.bias_act(y, bias))[0]
 
 
 class Block(nn.Module):
