@@ -1,12 +1,17 @@
-"""Loader throughput: DALI (CPU decode, and mixed on a GPU) vs the pure-PIL loader, same shards.
+"""Loader benchmarks. Two suites, each printing one JSON object per line (appended to --out).
 
-    .venv/bin/python run/bench_data.py [--num-samples 1024] [--batches 30] [--repeats 3]
+    .venv/bin/python run/bench_data.py [--suite host] [--num-images 3072] [--mfu 0.4]
+    .venv/bin/python run/bench_data.py --suite loaders [--num-samples 1024] [--batches 30]
 
-Builds (once, cached in --work) a synthetic set of 500x375 JPEGs through data_prep (FineHARD
-JSONL + images -> shards), then times each loader on the same shards at --image-size, same
-thread budget (DALI num_threads vs PIL decode threads). Prints one JSON object per line with
-`name`, `samples_per_s` and `speedup_vs_pil` (against the PIL loader with the same resize
-semantics, named in `baseline`), and appends them to --out.
+host (default): the host budget per GPU at FG-CLIP stage-2 shapes, see `bench_data_host.py`:
+    samples/s per CPU core of the loader's host path (read, shuffle, tokens, 248-token long
+    captions, 8 boxes with 10 hard negatives each, box packing) with decode excluded (it runs on
+    the GPU with DALI mixed) and included (DALI CPU, PIL) at 224 and 336 px, on a few thousand
+    distinct real photographs; then the cores per GPU that B/16 and L/14-336 need at the step
+    rate of the FLOP model at a stated MFU.
+loaders: DALI (CPU decode, and mixed on a GPU) vs the pure-PIL loader on the same synthetic
+    500x375 shards at --image-size, same thread budget; `speedup_vs_pil` against the PIL loader
+    with the same resize semantics (named in `baseline`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "run"))
 
 from data_prep.build_shards import build_shards  # noqa: E402
 from data_prep.synthetic import generate  # noqa: E402
@@ -73,6 +79,16 @@ def time_loader(loader, warmup: int, batches: int) -> tuple[float, float, int]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    argv = sys.argv[1:] if argv is None else argv
+    if "--suite" in argv and argv[argv.index("--suite") + 1] == "loaders":
+        i = argv.index("--suite")
+        return loaders(argv[:i] + argv[i + 2 :])
+    from bench_data_host import main as host
+
+    return host([a for a in argv if a not in ("--suite", "host")])
+
+
+def loaders(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--work", default=str(ROOT / "run/out/bench_data"))
     p.add_argument("--out", default=str(ROOT / "run/out/bench_data.jsonl"))

@@ -84,11 +84,17 @@ def region_coins(seed: int, epoch: int, ids: np.ndarray, num_boxes: int) -> np.n
 
 
 class _Window:
-    """The blocks of one shuffle window and where each global id sits in them."""
+    """The blocks of one shuffle window; block b holds the global ids firsts[b] + [0, len)."""
 
-    def __init__(self, blocks: list[Block], rows: dict[int, tuple[int, int]]):
+    def __init__(self, blocks: list[Block], firsts: np.ndarray):
         self.blocks = blocks
-        self.rows = rows
+        self.order = np.argsort(firsts)
+        self.sorted_firsts = firsts[self.order]
+
+    def locate(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(block index, row in it) of each id; blocks are disjoint id ranges."""
+        k = np.searchsorted(self.sorted_firsts, ids, side="right") - 1
+        return self.order[k], ids - self.sorted_firsts[k]
 
 
 class SampleSource:
@@ -163,11 +169,8 @@ class SampleSource:
             blocks = list(self._pool(1).map(read, spans))
         else:
             blocks = [read(span) for span in spans]
-        rows = {}
-        for b, (shard, lo, hi) in enumerate(spans):
-            first = int(self.order.offsets[shard] + lo)
-            rows.update({first + r: (b, r) for r in range(int(hi - lo))})
-        return _Window(blocks, rows)
+        firsts = self.order.offsets[spans[:, 0]] + spans[:, 1] if len(spans) else np.zeros(0)
+        return _Window(blocks, np.asarray(firsts, np.int64))
 
     def _next_windows(self, epoch: int, w: int):
         """The `spec.read_ahead` windows after (epoch, w), in stream order."""
@@ -200,45 +203,71 @@ class SampleSource:
         return self._windows[key]
 
     def batch(self, step: int) -> dict[str, list | np.ndarray]:
-        """Micro-batch `step`: 'jpeg' is a list of uint8 arrays, the rest are stacked arrays."""
+        """Micro-batch `step`: 'jpeg' is a list of uint8 arrays, the rest are stacked arrays.
+
+        Vectorised: the batch is cut into runs of samples from one block (at most a few
+        windows' blocks), each gathered with a handful of numpy calls instead of ~20 per sample.
+        """
         spec = self.spec
         b, m, k = spec.batch_size, spec.max_boxes, spec.num_negatives
-        s_ctx = spec.short_context
         first = spec.start + step * b
-        dims = {"LONG": spec.long_context, "SHORT": s_ctx, "M": m, "K": k}
-        out: dict = {"jpeg": [], **allocate_outputs(b, dims)}
+        dims = {"LONG": spec.long_context, "SHORT": spec.short_context, "M": m, "K": k}
+        out: dict = {"jpeg": [None] * b, **allocate_outputs(b, dims)}
         out["positions"][:] = np.arange(first, first + b)
         out["epochs"] = np.zeros(b, np.int64)
-        for i, pos in enumerate(range(first, first + b)):
-            epoch, offset = self.order.locate(pos)
+        done = 0
+        while done < b:  # one pass per epoch the batch touches
+            epoch, offset = self.order.locate(first + done)
             plan = self.order.plan(epoch)
-            sid = int(plan.ids[offset])
-            window = self._window(epoch, plan.window_of(offset))
-            block_idx, row = window.rows[sid]
-            blk = window.blocks[block_idx]
-            out["sample_ids"][i], out["epochs"][i] = sid, epoch
-            out["jpeg"].append(blk.jpeg(row))
-            out["long_tokens"][i] = fit_context(blk.long_tokens[row], spec.long_context)
-            out["short_tokens"][i] = fit_context(blk.short_tokens[row], s_ctx)
-            b0 = int(blk.box_offsets[row])
-            n = min(int(blk.box_offsets[row + 1]) - b0, m)
-            out["box_counts"][i] = n
-            if n == 0:
-                continue
-            rows = slice(b0, b0 + n)
-            out["boxes"][i, :n] = blk.boxes[rows]
-            coins = region_coins(spec.seed, epoch, np.array([sid]), m)[0, :n]
-            if spec.region_text == "short":
-                coins[:] = False
-            elif spec.region_text == "long":
-                coins[:] = True
-            short = fit_context(blk.box_short_tokens[rows], s_ctx)
-            long = fit_context(blk.box_long_tokens[rows], s_ctx)
-            out["region_tokens"][i, :n] = np.where(coins[:, None], long, short)
-            out["hardneg_tokens"][i, :n, 0] = short
-            out["hardneg_tokens"][i, :n, 1:] = fit_context(blk.neg_tokens[rows, :k], s_ctx)
-            out["hardneg_valid"][i, :n] = blk.neg_flags[rows]
+            n = min(b - done, len(plan.ids) - offset)
+            ids = plan.ids[offset : offset + n]
+            windows = np.searchsorted(plan.window_bounds, np.arange(offset, offset + n), "right")
+            windows -= 1
+            for w in np.unique(windows):  # ascending = stream order
+                picked = np.flatnonzero(windows == w)
+                window = self._window(epoch, int(w))
+                blocks, rows = window.locate(ids[picked])
+                for blk_idx in np.unique(blocks):
+                    sel = blocks == blk_idx
+                    slots = done + picked[sel]
+                    self._fill(out, slots, window.blocks[blk_idx], rows[sel], ids[picked[sel]],
+                               epoch)  # fmt: skip
+            done += n
         return out
+
+    def _fill(self, out: dict, slots: np.ndarray, blk: Block, rows: np.ndarray,
+              sids: np.ndarray, epoch: int) -> None:  # fmt: skip
+        """Output slots `slots` (n,) <- rows `rows` (n,) of one block."""
+        spec = self.spec
+        m, k, s_ctx = spec.max_boxes, spec.num_negatives, spec.short_context
+        out["sample_ids"][slots], out["epochs"][slots] = sids, epoch
+        starts, ends = blk.image_offsets[rows].tolist(), blk.image_offsets[rows + 1].tolist()
+        for slot, i0, i1 in zip(slots.tolist(), starts, ends, strict=True):
+            out["jpeg"][slot] = blk.image_bytes[i0:i1]  # a view, as Block.jpeg
+        out["long_tokens"][slots] = fit_context(blk.long_tokens[rows], spec.long_context)
+        out["short_tokens"][slots] = fit_context(blk.short_tokens[rows], s_ctx)
+        b0 = blk.box_offsets[rows]
+        counts = np.minimum(blk.box_offsets[rows + 1] - b0, m)  # (n,)
+        out["box_counts"][slots] = counts
+        valid = np.arange(m)[None, :] < counts[:, None]  # (n, M)
+        if not valid.any():
+            return
+        src = (b0[:, None] + np.arange(m)[None, :])[valid]  # (V,) box rows, sample-major
+        i, j = np.nonzero(valid)
+        dst = (slots[i], j)  # (V,) output (slot, box) pairs, same order as src
+        out["boxes"][dst] = blk.boxes[src]
+        coins = region_coins(spec.seed, epoch, sids, m)[valid]  # (V,) True = long phrase
+        if spec.region_text == "short":
+            coins[:] = False
+        elif spec.region_text == "long":
+            coins[:] = True
+        short = fit_context(blk.box_short_tokens[src], s_ctx)  # (V, S)
+        long = fit_context(blk.box_long_tokens[src], s_ctx)
+        out["region_tokens"][dst] = np.where(coins[:, None], long, short)
+        hard = out["hardneg_tokens"]  # (B, M, 1+K, S)
+        hard[slots[i], j, 0] = short
+        hard[slots[i], j, 1:] = fit_context(blk.neg_tokens[src, :k], s_ctx)
+        out["hardneg_valid"][dst] = blk.neg_flags[src]
 
     def __call__(self, batch_info) -> tuple:
         """DALI batch-mode callable: one output per name in OUTPUTS, batch-major."""
