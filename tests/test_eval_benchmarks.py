@@ -352,6 +352,15 @@ def test_config_json_fills_the_shape_and_a_disagreeing_preset_fails_naming_the_f
         model_config(str(bench.root / "ckpt"), None, ["model.vision.layer_norm_eps=1e-3"])
     model_config(str(bench.root / "ckpt"), None, ["model.text.heads=4"])  # agrees: fine
     config = json.loads((bench.root / "ckpt" / "config.json").read_text())
+    # openai/clip-vit-*'s legacy eos_token_id=2 (argmax pooling = the first EOT) and the older
+    # *_config_dict spelling both read as our EOT-pooled tower.
+    from fgclip_mega.checkpoint.hf_config import model_fields_from_hf
+
+    legacy = {"text_config_dict": {**config["text_config"], "eos_token_id": 2},
+              "vision_config_dict": config["vision_config"], "projection_dim": 24}  # fmt: skip
+    fields = model_fields_from_hf(legacy)
+    assert fields["model.text.eos_token_id"] == 49407 and fields["model.text.heads"] == 4
+    assert fields["model.vision.image_size"] == 32 and fields["model.projection_dim"] == 24
     config["vision_config"]["hidden_act"] = "gelu"
     (tmp_path / "gelu").mkdir()
     (tmp_path / "gelu" / "config.json").write_text(json.dumps(config))

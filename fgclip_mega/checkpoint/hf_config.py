@@ -102,8 +102,9 @@ def model_fields_from_hf(config: dict, source: str = "config.json") -> dict[str,
         )
     sections = {
         None: config,
-        "text_config": CLIPTextConfig(**(config.get("text_config") or {})).to_dict(),
-        "vision_config": CLIPVisionConfig(**(config.get("vision_config") or {})).to_dict(),
+        # Older HF CLIP configs spell the sections text_config_dict / vision_config_dict.
+        "text_config": CLIPTextConfig(**_section(config, "text_config")).to_dict(),
+        "vision_config": CLIPVisionConfig(**_section(config, "vision_config")).to_dict(),
     }
     sections[None] = {"projection_dim": config.get("projection_dim", 512)}
     for name in ("text_config", "vision_config"):
@@ -120,6 +121,10 @@ def model_fields_from_hf(config: dict, source: str = "config.json") -> dict[str,
     # Legacy id 2 pools at argmax(ids): the first EOT when EOT is the largest id (CLIP's BPE).
     fields["model.text.eos_token_id"] = vocab - 1 if eos == _LEGACY_EOS else eos
     return fields
+
+
+def _section(config: dict, name: str) -> dict:
+    return config.get(name) or config.get(f"{name}_dict") or {}
 
 
 def hf_key_of(field: str) -> str:
