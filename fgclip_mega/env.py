@@ -208,7 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--global-batch", type=int, default=None,
                         help="default: the preset's train.global_batch_size")  # fmt: skip
     args = parser.parse_args(argv)
-    feats = probe()
+    from fgclip_mega.runtime import GPUUnusableError
+
+    try:
+        feats = probe()
+    except GPUUnusableError as e:  # a GPU this torch cannot use: say so instead of a table
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     run = run_settings(args.preset)
     plans = memory_plans(args.preset, args.world_size, args.gpu_memory_gb, args.global_batch)
     if args.json:

@@ -143,13 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rank = setup_logging()
     from fgclip_mega.checkpoint import CheckpointError
+    from fgclip_mega.runtime import GPUUnusableError
 
     try:
         # One held-out set for every model: the first checkpoint's seed unless given.
         first, _ = build_config(args, args.checkpoint[0], args.synthetic_seed)
         models = [build_config(args, c, first.data.seed) for c in args.checkpoint]
         results = evaluate_checkpoints(models, names, args)
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, FileNotFoundError, GPUUnusableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:

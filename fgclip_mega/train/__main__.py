@@ -24,12 +24,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from fgclip_mega.checkpoint import CheckpointError
+    from fgclip_mega.runtime import GPUUnusableError
     from fgclip_mega.train.loop import train
 
     try:
         result = train(cfg)
-    except (ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError) as e:
-        # A user error (a wrong path, a bad checkpoint, an impossible layout): one clear line.
+    except (
+        ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, GPUUnusableError
+    ) as e:  # fmt: skip
+        # A user error (a wrong path, a bad checkpoint, an impossible layout, a GPU this torch
+        # cannot use): one clear line.
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
