@@ -415,3 +415,31 @@ def test_caption_files_karpathy_coco_and_blip_style_lists(tmp_path):
     (tmp_path / "share.json").write_text(json.dumps([{"image": "x.jpg", "conversations": []}]))
     with pytest.raises(BenchmarkError, match=r"row 0: conversations\[1\]\.value"):
         read_pairs("sharegpt4v", tmp_path / "share.json", tmp_path, args)
+
+
+def test_lvis_image_paths_and_protocol_defaults(tmp_path):
+    from fgclip_mega.config import ConfigError
+    from fgclip_mega.eval.benchmarks.boxcls import _image_path
+    from fgclip_mega.eval.benchmarks.cli import make_protocol, parser
+
+    (tmp_path / "train2017").mkdir()
+    (tmp_path / "train2017" / "1.jpg").write_bytes(b"x")
+    (tmp_path / "2.jpg").write_bytes(b"x")
+    assert _image_path(tmp_path, "train2017/1.jpg") == tmp_path / "train2017" / "1.jpg"
+    assert _image_path(tmp_path, "val2017/2.jpg") == tmp_path / "2.jpg"  # one flat folder
+    assert _image_path(tmp_path, "val2017/3.jpg") == tmp_path / "val2017" / "3.jpg"  # named
+
+    def proto(*extra):
+        args = parser().parse_args(["--data", "x", "--checkpoint", "c", *extra])
+        return make_protocol(args, 336).as_dict()
+
+    assert proto("--task", "dci")["text_length"] == 248
+    assert proto("--task", "fgovd") == {
+        "image_size": 336, "resize": "squash", "text_length": 77, "templates": "openai",
+        "prompt_ensemble": "normalise-mean-normalise", "box_format": "xywh", "box_features": "roi",
+    }  # fmt: skip
+    assert proto("--task", "coco", "--text-length", "248")["text_length"] == 248
+    with pytest.raises(ConfigError, match=r"--text-length 300: must be in \[2, 248\]"):
+        proto("--task", "dci", "--text-length", "300")
+    with pytest.raises(ConfigError, match="--image-size 224: the checkpoint's image size is 336"):
+        proto("--task", "coco", "--image-size", "224")

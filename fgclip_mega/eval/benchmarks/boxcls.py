@@ -4,7 +4,8 @@ feature on the full image against class-name prompt ensembles, top-1 (and top-5)
 As upstream: fgclip/eval/in_1K/coco_box_cls.py (v1; COCO classes in the file's category order,
 80 OpenAI templates, unit prompt embeddings averaged and renormalised, every annotation counted,
 crowd boxes included) and fgclip2/eval/in1k/lvis_box_cls_ddp.py (LVIS: class index = id - 1,
-names with '_' -> ' ', image = basename of coco_url under the image root; its crop-and-resize
+names with '_' -> ' ', image = basename of coco_url under the image root (we also take
+<root>/<train2017|val2017>/<name> from the URL); its crop-and-resize
 baseline: integer box crop, squash, global embedding). Upstream v2 silently drops images it
 cannot find; we fail naming the file, or count them with --skip-missing-images.
 """
@@ -53,7 +54,8 @@ def read_instances(path: Path, dataset: str) -> tuple[list[str], dict[int, int],
     for i, im in enumerate(need(data, "images", str(path), list)):
         where = f"{path}: images[{i}]"
         if dataset == "lvis":
-            tail = need(im, "coco_url", where, str).rsplit("/", 1)[-1]
+            # ".../train2017/000000397133.jpg": LVIS val draws on COCO train and val images.
+            tail = "/".join(need(im, "coco_url", where, str).rsplit("/", 2)[-2:])
         else:
             tail = need(im, "file_name", where, str)
         images[need(im, "id", where)] = tail
@@ -74,11 +76,20 @@ def read_instances(path: Path, dataset: str) -> tuple[list[str], dict[int, int],
     return names, index, items, skips
 
 
+def _image_path(root: Path, tail: str) -> Path:
+    """root/tail, or for an LVIS 'split/name' tail root/name when that exists (upstream keeps
+    the train and val images in one folder)."""
+    path = root / tail
+    if not path.is_file() and (root / Path(tail).name).is_file():
+        return root / Path(tail).name
+    return path
+
+
 def run(encoder, args, protocol, group, dataset: str) -> dict:
     path = Path(args.data)
     names, _, items, skips = read_instances(path, dataset)
     root = Path(args.image_root) if args.image_root else path.parent
-    jobs = [ImageJob(root / tail, [b[0] for b in boxes]) for tail, boxes in items]
+    jobs = [ImageJob(_image_path(root, tail), [b[0] for b in boxes]) for tail, boxes in items]
     encoded = encode_images(
         encoder,
         jobs,
@@ -101,7 +112,7 @@ def run(encoder, args, protocol, group, dataset: str) -> dict:
     feats, targets, crowd = [], [], 0
     for (tail, boxes), rec in zip(items, encoded, strict=True):
         if rec.get("missing"):
-            skips.add("missing_image", str(root / tail), len(boxes))
+            skips.add("missing_image", str(_image_path(root, tail)), len(boxes))
             continue
         for (box, cls, where, is_crowd), emb in zip(boxes, rec["boxes"], strict=True):
             if emb is None:

@@ -83,9 +83,11 @@ def run_task(encoder, args, protocol, group) -> dict:
     return retrieval.run(encoder, args, protocol, group, args.task)
 
 
-def make_protocol(args, model_image_size: int):
+def make_protocol(args, model_image_size: int, long_context: int = 248):
     from fgclip_mega.eval.benchmarks.protocol import LONG, SHORT, protocol_defaults
 
+    if args.text_length is not None and not 2 <= args.text_length <= long_context:
+        raise ConfigError(f"--text-length {args.text_length}: must be in [2, {long_context}]")
     size = args.image_size or model_image_size
     if size != model_image_size:
         raise ConfigError(
@@ -135,7 +137,7 @@ def evaluate(args, state=None) -> dict:
 
     log = logging.getLogger("fgclip_mega.eval.benchmarks")
     cfg, step_dir = model_config(args.checkpoint, args.preset, args.overrides)
-    protocol = make_protocol(args, cfg.model.vision.image_size)
+    protocol = make_protocol(args, cfg.model.vision.image_size, cfg.model.text.long_context)
     if args.compare_golden:
         from fgclip_mega.eval.benchmarks.golden import check_model
 

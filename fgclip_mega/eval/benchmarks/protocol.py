@@ -52,7 +52,7 @@ class Protocol:
 def protocol_defaults(task_text_length: int, image_size: int, **overrides) -> Protocol:
     """Upstream v1's settings for a task, then any explicit option."""
     given = {k: v for k, v in overrides.items() if v is not None}
-    return Protocol(image_size=image_size, text_length=task_text_length, **given)
+    return Protocol(**{"image_size": image_size, "text_length": task_text_length, **given})
 
 
 class BenchmarkError(ValueError):
