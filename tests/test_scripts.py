@@ -22,7 +22,8 @@ GPU_PARTS = {
     "pytest_losses",
     "pytest_attention",
     "pytest_dali_mixed",
-    "train_step",
+    "train_features",
+    "train_presets",
     "bench_step_mfu",
     "bench_loss",
 }
@@ -60,7 +61,8 @@ def _dry_run(tmp_path, *extra):
         env=env,
         timeout=60,
     )
-    lines = [json.loads(x) for x in (tmp_path / "gpu_check.jsonl").read_text().splitlines()]
+    (jsonl,) = tmp_path.glob("gpu_check_*.jsonl")  # gpu_check_<UTC time>-<host>.jsonl
+    lines = [json.loads(x) for x in jsonl.read_text().splitlines()]
     return out, lines, time.monotonic() - start
 
 
