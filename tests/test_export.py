@@ -1,6 +1,7 @@
-"""fgclip-export: a TP=2 training checkpoint -> a folder that transformers' CLIPModel loads with
-the embeddings the project's (TP=2) model computes, and the released FG-CLIP layout, which
-round-trips bitwise with transformers' CLIP key names plus FG-CLIP's five extras."""
+"""fgclip-export: TP=2 and DP=2 (distributed optimizer) training checkpoints -> folders that
+transformers' CLIPModel loads with the embeddings the project's model of that layout computes, and
+the released FG-CLIP layout, which round-trips bitwise with transformers' CLIP key names plus
+FG-CLIP's five extras."""
 
 from __future__ import annotations
 
@@ -29,79 +30,101 @@ def _inputs(model_cfg):
     return images, short, long
 
 
-def _train_tp2_and_embed(tmp: str) -> dict:
-    """Trains 3 steps at TP=2 x DP=1 (checkpoints at steps 2 and 3), then embeds fixed inputs
-    with the project's TP=2 model loaded from the last checkpoint (the evaluation's path)."""
+# Checkpoints of both sharded kinds: TP=2 x DP=1, and TP=1 x DP=2 with the distributed optimizer.
+LAYOUTS = {
+    "tp2": {"parallel__tensor_parallel_size": 2},
+    "dp2": {"parallel__use_distributed_optimizer": True},
+}
+
+
+def _train_and_embed(tmp: str) -> dict:
+    """For each layout: trains 3 steps (checkpoints at steps 2 and 3), then embeds fixed inputs
+    with the project's model of that layout loaded from the last checkpoint (the evaluation's
+    path)."""
+    from megatron.core import parallel_state as ps
+
     from fgclip_mega.checkpoint.weights import load_training_weights, training_checkpoint
     from fgclip_mega.models import FGCLIPModel
     from fgclip_mega.train.loop import train
     from tests.builders import train_config
 
     tmp = Path(tmp)
-    cfg = train_config(tmp / "run", tmp / "data", 3, parallel__tensor_parallel_size=2,
-                       train__eval_batches=0, checkpoint__save_interval=2)  # fmt: skip
-    result = train(cfg, keep_process_groups=True)
-    step_dir = training_checkpoint(tmp / "run")
-    model = FGCLIPModel(cfg.model, cfg.parallel).eval()
-    info = load_training_weights(model, step_dir)
-    images, short, long = _inputs(cfg.model)
-    with torch.no_grad():
-        out = {
-            "image": model.encode_image(images),
-            "short": model.encode_text(short),
-            "long": model.encode_text(long, long=True),
-            "logit_scale": model.logit_scale.detach().clone(),
-        }
-    return {**out, "checkpoint": result.checkpoint, "step": info["step"],
-            "saved_layout": info["saved_layout"]}  # fmt: skip
+    results = {}
+    for name, extra in LAYOUTS.items():
+        if results:
+            ps.destroy_model_parallel()  # keep torch.distributed, choose the next TP size
+        cfg = train_config(tmp / name, tmp / "data", 3, train__eval_batches=0,
+                           checkpoint__save_interval=2, **extra)  # fmt: skip
+        result = train(cfg, keep_process_groups=True)
+        model = FGCLIPModel(cfg.model, cfg.parallel).eval()
+        info = load_training_weights(model, training_checkpoint(tmp / name))
+        images, short, long = _inputs(cfg.model)
+        with torch.no_grad():
+            results[name] = {
+                "image": model.encode_image(images),
+                "short": model.encode_text(short),
+                "long": model.encode_text(long, long=True),
+                "logit_scale": model.logit_scale.detach().clone(),
+                "checkpoint": result.checkpoint,
+                "step": info["step"],
+                "saved_layout": info["saved_layout"],
+            }
+    return results
 
 
 @pytest.fixture(scope="module")
-def tp2(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("export_tp2")
-    results = run_distributed(_train_tp2_and_embed, 2, str(tmp), timeout=600)
-    for key in ("image", "short", "long"):  # both TP ranks hold the full embeddings
-        assert torch.equal(results[0][key], results[1][key]), key
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export_runs")
+    results = run_distributed(_train_and_embed, 2, str(tmp), timeout=900)
+    for name in LAYOUTS:
+        for key in ("image", "short", "long"):  # both ranks hold the full embeddings
+            assert torch.equal(results[0][name][key], results[1][name][key]), (name, key)
     return tmp, results[0]
 
 
 @pytest.mark.slow
-def test_hf_clip_export_loads_in_clipmodel_with_the_projects_embeddings(tp2, capsys):
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_hf_clip_export_loads_in_clipmodel_with_the_projects_embeddings(trained, layout, capsys):
     from transformers import CLIPModel
 
     from fgclip_mega.checkpoint.export import main
 
-    tmp, ours = tp2
-    assert ours["step"] == 3 and ours["saved_layout"]["tp_size"] == 2
-    out = tmp / "hf"
-    assert main([str(tmp / "run"), str(out)]) == 0  # the run dir: newest checkpoint
+    tmp, results = trained
+    ours = results[layout]
+    saved = ours["saved_layout"]
+    assert ours["step"] == 3 and (saved["tp_size"], saved["dp_size"]) == (
+        (2, 1) if layout == "tp2" else (1, 2)
+    )
+    out = tmp / f"hf_{layout}"
+    assert main([str(tmp / layout), str(out)]) == 0  # the run dir: newest checkpoint
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["step"] == 3 and printed["format"] == "hf-clip"
     assert printed["source"].endswith("step_00000003")
     hf, loading = CLIPModel.from_pretrained(out, output_loading_info=True)
     assert all(not v for v in loading.values()), loading  # no missing/unexpected keys
     hf = hf.eval()
-    images, short, _ = _inputs_of(tmp)
+    images, short, _ = _inputs_of(tmp / layout)
     with torch.no_grad():
         image = hf.get_image_features(pixel_values=images).pooler_output
         text = hf.get_text_features(input_ids=short).pooler_output
     err_i = (image - ours["image"]).abs().max().item()
     err_t = (text - ours["short"]).abs().max().item()
+    print(json.dumps({"layout": layout, "max_abs_err_image": err_i, "max_abs_err_text": err_t}))
     assert err_i <= 1e-5 and err_t <= 1e-5, (err_i, err_t)
     assert ours["image"].abs().max() > 0.1  # not a trivially small embedding
     assert torch.equal(hf.logit_scale.detach(), ours["logit_scale"])
 
 
-def _inputs_of(tmp: Path):
+def _inputs_of(run: Path):
     from fgclip_mega.checkpoint.weights import saved_config, training_checkpoint
     from fgclip_mega.config import Config, apply_dict
 
-    cfg = apply_dict(Config(), saved_config(training_checkpoint(tmp / "run")))
+    cfg = apply_dict(Config(), saved_config(training_checkpoint(run)))
     return _inputs(cfg.model)
 
 
 @pytest.mark.slow
-def test_fgclip_export_round_trips_bitwise_with_the_released_key_names(tp2, world):
+def test_fgclip_export_round_trips_bitwise_with_the_released_key_names(trained, world):
     from safetensors.torch import load_file
     from transformers import CLIPModel
 
@@ -112,14 +135,15 @@ def test_fgclip_export_round_trips_bitwise_with_the_released_key_names(tp2, worl
     from fgclip_mega.config import Config, ParallelConfig, apply_dict
     from fgclip_mega.models import FGCLIPModel
 
-    tmp, ours = tp2
-    step2 = tmp / "run" / "checkpoints" / "step_00000002"
-    out = export_checkpoint(tmp / "run" / "checkpoints", tmp / "fg", "fgclip")
+    tmp, results = trained
+    ours, run = results["tp2"], tmp / "tp2"
+    step2 = run / "checkpoints" / "step_00000002"
+    out = export_checkpoint(run / "checkpoints", tmp / "fg", "fgclip")
     state = load_file(str(out / "model.safetensors"))
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["FGCLIPModel"]
 
-    step_dir = training_checkpoint(tmp / "run")
+    step_dir = training_checkpoint(run)
     cfg = apply_dict(Config(), saved_config(step_dir))
     clip_keys = set(CLIPModel(clip_config(cfg.model)).state_dict())
     clip_keys = {k for k in clip_keys if not k.endswith("position_ids")}
