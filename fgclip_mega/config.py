@@ -513,6 +513,62 @@ def tiny() -> Config:
     return cfg
 
 
+def _fgclip2(cfg: Config) -> Config:
+    """FG-CLIP 2's recipe on SigLIP 2 towers (upstream fgclip2.py / stage2_fgclip2.sh): sigmoid
+    global loss with a learnt bias, region InfoNCE at the code's weight 0.2, TIC and FGT."""
+    cfg.model.family = "fgclip2"
+    cfg.model.logit_scale_init = 2.3026  # ln 10 (SigLIP)
+    cfg.model.logit_bias_init = -10.0
+    cfg.loss.kind = "sigmoid"
+    cfg.loss.recipe = "fgclip2"
+    cfg.loss.region_weight = 0.2
+    for tower in (cfg.model.vision, cfg.model.text):
+        tower.activation = "gelu_tanh"
+        tower.layer_norm_eps = 1e-6
+    t = cfg.model.text
+    t.short_context, t.long_context, t.long_position_split = 64, 196, 20
+    return cfg
+
+
+def _siglip2_text(width: int, layers: int, heads: int, mlp: int) -> TextConfig:
+    # Gemma's 256K vocabulary; SigLIP pools the last position, so no EOS id is read.
+    return TextConfig(vocab_size=256000, width=width, layers=layers, heads=heads, mlp_width=mlp)
+
+
+def fgclip2_base_naflex() -> Config:
+    """FG-CLIP 2 on siglip2-base-patch16-naflex: ViT-B/16 with a 16x16 learnt position table
+    resized per image, patch budgets up to 1024; bf16 on GPUs."""
+    cfg = Config()
+    cfg.model.vision = VisionConfig(
+        image_size=256, patch_size=16, width=768, layers=12, heads=12, mlp_width=3072
+    )
+    cfg.model.text = _siglip2_text(768, 12, 12, 3072)
+    cfg.model.projection_dim = 768
+    return _fgclip2(cfg)
+
+
+def fgclip2_so400m_naflex() -> Config:
+    """FG-CLIP 2 on siglip2-so400m-patch16-naflex: width 1152, 27 layers, MLP 4304."""
+    cfg = Config()
+    cfg.model.vision = VisionConfig(
+        image_size=256, patch_size=16, width=1152, layers=27, heads=16, mlp_width=4304
+    )
+    cfg.model.text = _siglip2_text(1152, 27, 16, 4304)
+    cfg.model.projection_dim = 1152
+    return _fgclip2(cfg)
+
+
+def fgclip2_tiny() -> Config:
+    """FG-CLIP 2 at CPU size: 2 narrow layers, 8-px patches, an 8x8 position table (fp32)."""
+    cfg = tiny()
+    cfg.model.vision = VisionConfig(
+        image_size=64, patch_size=8, width=64, layers=2, heads=4, mlp_width=256
+    )
+    cfg.model.text = TextConfig(vocab_size=1024, width=64, layers=2, heads=4, mlp_width=256)
+    cfg.model.projection_dim = 64
+    return _fgclip2(cfg)
+
+
 PRESETS = {"fgclip_vit_b16": fgclip_vit_b16, "fgclip_vit_l14_336": fgclip_vit_l14_336, "tiny": tiny}
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torchvision.transforms import InterpolationMode
@@ -115,3 +116,30 @@ def pack_images(
         valid[i, :n] = True
         grids[i] = torch.tensor([gh, gw])
     return pixels, valid, grids
+
+
+@dataclass
+class NaFlexBatch:
+    """A FG-CLIP 2 micro-batch: images packed to one patch budget, texts padded to full length
+    (SigLIP pools the last position), boxes packed as in `Batch`."""
+
+    pixels: torch.Tensor
+    """(B, N, p*p*3) normalised patches, N = the batch's patch budget."""
+    valid: torch.Tensor
+    """(B, N) bool: real patches (image i's first gh*gw)."""
+    grids: list[tuple[int, int]]
+    """Each image's patch grid (gh, gw), host ints (the model reads no device value)."""
+    long_tokens: torch.Tensor
+    """(B, 196) int64 long captions."""
+    short_tokens: torch.Tensor
+    """(B, 64) int64 'a photo of ' + short caption (English), lowercased."""
+    region_rois: torch.Tensor
+    """(R, 5) float32 [image index, x1, y1, x2, y2] normalised to each image."""
+    region_tokens: torch.Tensor
+    """(R, 64) int64 phrase of each box."""
+    hard_rows: torch.Tensor
+    """(H,) int64 rows of region_rois whose box has hard negatives."""
+    hardneg_tokens: torch.Tensor
+    """(H, 1+K, 64) int64: the box's phrase, then its K negatives."""
+    hardneg_valid: torch.Tensor | None = None
+    """(H, K) bool real negatives (None = all)."""
