@@ -138,26 +138,18 @@ def chunk_hash(chunk: list[Item], params: dict) -> str:
     return h.hexdigest()
 
 
-def _key_of(text: str | None, strip_prefix: str) -> str | None:
-    try:
-        rec = json.loads(text) if text else None
-    except (ValueError, RecursionError):
-        return None
-    f_path = rec.get("f_path") if isinstance(rec, dict) else None
-    return f_path.removeprefix(strip_prefix) if isinstance(f_path, str) and f_path else None
-
-
 def _build_one(task: tuple[str, list[Item], dict, str]) -> dict:
     """Worker: one chunk of records -> one shard; returns its completion marker."""
     name, items, p, digest = task
     samples, problems = [], []
     for source, text, reason in items:
-        key = _key_of(text, p["strip_prefix"]) or source  # named even if rejected
+        rec = parse_json(text) if text is not None else None  # text came from json.dumps
+        key = record_key(rec, source, p["strip_prefix"])  # named even if rejected
         try:
             if reason is not None:
                 raise BadRecord(reason)
             sample, f_path, box_problems = parse_record(
-                parse_json(text),
+                rec,
                 p["num_negatives"],
                 p["max_boxes"],
                 p["strip_prefix"],
