@@ -161,6 +161,39 @@ def test_a_resume_at_the_last_logged_step_continues_the_wandb_run_without_rewind
     assert [("branch_point" in r, r.get("resume")) for r in runs] == [(False, True), (False, True)]
 
 
+def test_a_server_without_rewind_continues_the_run_without_duplicate_steps(
+    tmp_path, monkeypatch, caplog
+):
+    import wandb
+
+    real_init = wandb.init
+
+    def no_rewind(**kwargs):
+        if "resume_from" in kwargs:
+            raise wandb.errors.CommError("rewind is not enabled for this entity")
+        return real_init(**kwargs)
+
+    out = tmp_path / "run"
+    first = MetricsLogger(out, 6, enabled=True, loggers=["wandb"])
+    _log_steps(first, range(1, 6))
+    first.close()
+    monkeypatch.setattr(wandb, "init", no_rewind)
+    with caplog.at_level(logging.WARNING, logger="fgclip_mega.train"):
+        second = MetricsLogger(out, 6, enabled=True, resume_step=2, loggers=["wandb"])
+        _log_steps(second, range(3, 7))
+        second.close()
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "could not rewind" in warning and "steps 3-5 keep" in warning
+    rows, runs = wandb_rows(out)
+    assert [("branch_point" in r, r.get("resume")) for r in runs] == [(False, True), (False, True)]
+    want = expected(out)
+    assert sorted(rows) == sorted(want) == [1, 2, 3, 4, 5, 6]  # each step once
+    # Steps 1-2 and 6 as metrics.jsonl; 3-5 keep the first attempt's values (same losses).
+    assert_same({s: rows[s] for s in (1, 2, 6)}, {s: want[s] for s in (1, 2, 6)}, "wandb")
+    for step in (3, 4, 5):
+        assert rows[step]["train/loss"] == pytest.approx(want[step]["train/loss"])
+
+
 class _Raising:
     name = "flaky"
 

@@ -94,11 +94,25 @@ class WandbSink:
         id_file.write_text(json.dumps({"id": run_id}) + "\n")
         if wandb.run is not None:  # left open by a run in this process that raised
             wandb.run.finish(exit_code=1)
-        self.run = wandb.init(**kwargs)
+        self.skip_through = 0  # steps W&B already holds and cannot take again
+        try:
+            self.run = wandb.init(**kwargs)
+        except Exception as e:  # noqa: BLE001 - e.g. a server without run rewind
+            if "resume_from" not in kwargs:
+                raise
+            log.warning(
+                "W&B could not rewind run %s to step %d (%s: %s): continuing it instead; its "
+                "steps %d-%d keep the values logged before the resume",
+                run_id, resume_step, type(e).__name__, e, resume_step + 1, last_logged,
+            )  # fmt: skip
+            del kwargs["resume_from"]
+            self.run = wandb.init(**kwargs, id=run_id, resume="allow")
+            self.skip_through = last_logged
         log.info("W&B run %s (%s)", self.run.id, "offline" if self.run.offline else "online")
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        self.run.log(scalars, step=step)
+        if step > self.skip_through:  # W&B refuses a step below its last one (with a warning)
+            self.run.log(scalars, step=step)
 
     def close(self) -> None:
         self.run.finish()
