@@ -288,7 +288,10 @@ def main() -> int:
             try:
                 line = run_case(case, args, Path(tmp))
             except Exception as e:  # noqa: BLE001 - one failed case must not hide the others
+                frame = traceback.extract_tb(e.__traceback__)[-1]  # megatron asserts say nothing
+                where = f"{Path(frame.filename).name}:{frame.lineno} {frame.line}"
                 line = {"case": str(case), "ok": False, "error": f"{type(e).__name__}: {e}"}
+                line["at"] = where
                 traceback.print_exc()
                 with contextlib.suppress(Exception):
                     from fgclip_mega.parallel import destroy_parallel
