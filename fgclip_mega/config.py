@@ -470,8 +470,9 @@ def fgclip_vit_b16() -> Config:
     """FG-CLIP ViT-B/16 at 224 px: text 12 layers of width 512, projection 512; bf16 on GPUs.
 
     Global batch 32K, micro-batch sized from the memory estimate (`python -m fgclip_mega.env`):
-    on 64 x 80 GB, 256 x 2 accumulation steps in stage 1 and 32 x 16 in stage 2, without
-    activation checkpointing (it would cost the same extra forward that accumulation costs)."""
+    on 64 x 80 GB, 512 per rank in one micro-batch in stage 1 and 64 x 8 accumulation steps in
+    stage 2, without activation checkpointing (it would cost the extra forward that accumulation
+    costs, and stage 1 needs none)."""
     cfg = Config()
     cfg.train.global_batch_size = FGCLIP_GLOBAL_BATCH
     cfg.data.micro_batch_size = 0
@@ -487,8 +488,8 @@ def fgclip_vit_l14_336() -> Config:
     cfg.model.text = TextConfig(width=768, heads=12, mlp_width=3072)
     cfg.model.projection_dim = 768
     # Global batch 32K, micro-batch from the memory estimate. Block checkpointing: on 64 x 80 GB
-    # stage 2 fits only 16 samples per micro-batch without it (49 texts of 77 tokens each) and
-    # 128 with it; stage 1 fits the whole 512 per rank with it, so it needs no accumulation.
+    # stage 2 fits 32 samples per micro-batch without it (49 texts of 77 tokens each) and 128
+    # with it; stage 1 fits the whole 512 per rank with it (64 x 8 accumulation without).
     cfg.train.global_batch_size = FGCLIP_GLOBAL_BATCH
     cfg.data.micro_batch_size = 0
     cfg.parallel.activation_checkpointing = True

@@ -92,11 +92,14 @@ def test_env_prints_the_memory_plan_of_a_preset(capsys):
 
     plans = env.memory_plans("fgclip_vit_b16", 64, 80.0)
     stage1 = plans["global"]["preset"]
-    assert (stage1["micro_batch_size"], stage1["accumulation"]) == (256, 2)
+    assert (stage1["micro_batch_size"], stage1["accumulation"]) == (512, 1)
+    stage2 = plans["regional"]["preset"]
+    assert (stage2["micro_batch_size"], stage2["accumulation"]) == (64, 8)
     assert {"parameters", "gradients", "optimizer", "activations", "loss", "allowance"} <= set(
         stage1["parts_gib"]
     )
     env._print_memory("fgclip_vit_b16", plans)
     out = capsys.readouterr().out
-    assert "global batch 32768 = micro-batch 256 x DP 64 x accumulation 2" in out
+    assert "global batch 32768 = micro-batch 512 x DP 64 x accumulation 1" in out
+    assert "global batch 32768 = micro-batch 64 x DP 64 x accumulation 8" in out
     assert "stage regional" in out and "activations of one micro-batch" in out

@@ -10,6 +10,8 @@ is what torch keeps, whatever the code does.
 
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -36,20 +38,32 @@ def _small(dtype: str, ckpt: str, every: int = 1):
     return cfg
 
 
+class _Held:
+    """What autograd stores in place of a saved tensor while measuring (weak-referenceable)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+
+
 def saved_bytes(fn, params) -> tuple[object, int]:
-    """(fn(), bytes of the distinct non-parameter storages autograd saved while it ran)."""
+    """(fn(), bytes of the distinct non-parameter storages autograd keeps from running it).
+
+    Tensors are counted once fn has returned, and only those the graph still holds: a graph
+    branch that was dropped frees its saved tensors, and a freed storage's address may be
+    reused by a later one."""
     exclude = {p.untyped_storage().data_ptr() for p in params}
-    seen: dict[int, int] = {}
+    packed: list[weakref.ref] = []
 
-    def pack(t: torch.Tensor):
-        s = t.untyped_storage()
-        if s.data_ptr() not in exclude:
-            seen[s.data_ptr()] = s.nbytes()
-        return t
+    def pack(t: torch.Tensor) -> _Held:
+        held = _Held(t)
+        packed.append(weakref.ref(held))
+        return held
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda held: held.t):
         out = fn()
-    return out, sum(seen.values())
+    alive = [h.t for h in (r() for r in packed) if h is not None]
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in alive}
+    return out, sum(n for ptr, n in storages.items() if ptr not in exclude)
 
 
 def _model(cfg, attention: str):
@@ -163,3 +177,29 @@ def test_loss_estimate_matches_saved_tensors(stage, dtype):
     kept, _ = memory.loss_bytes(cfg, b, 1, stage, "chunked")
     assert abs(kept - measured) / measured < LOSS_TOLERANCE, (kept, measured)
     out.total.backward()  # what was kept is what the backward reads
+
+
+def _tp2_measurements() -> list[tuple[bool, str, int, float]]:
+    from fgclip_mega.parallel import init_parallel
+
+    init_parallel(ParallelConfig(tensor_parallel_size=2), seed=0)
+    out = []
+    for sp in (False, True):
+        for ckpt in ("none", "mlp"):
+            cfg = _small("fp32", ckpt)
+            cfg.parallel.tensor_parallel_size = 2
+            cfg.parallel.sequence_parallel = sp
+            batch = make_batch(cfg, [3, 1, 2], long_eot=60, short_eot=20)
+            model = _model(cfg, "sdpa")
+            measured = _measure(model, batch, cfg, True)
+            out.append((sp, ckpt, measured, _estimate(cfg, batch, True, "sdpa")))
+    return out
+
+
+@pytest.mark.slow
+def test_tp2_and_sequence_parallel_divide_what_the_estimate_divides():
+    from tests.distributed import run_distributed
+
+    for rank in run_distributed(_tp2_measurements, 2):
+        for sp, ckpt, measured, estimated in rank:
+            assert abs(estimated - measured) / measured < TOLERANCE, (sp, ckpt, estimated, measured)

@@ -11,13 +11,14 @@ objective/forward.py, objective/terms.py, losses/*, parallel/wrap.py, train/step
                backward, per tower call (image, dense value path, long captions, the short text
                call), per transformer block:
                  no checkpointing: block input x and ln1 output (D), the fused qkv output (3D),
-                 the attention output (D), the residual h (D), ln2 output (D), fc1 output,
-                 sigmoid and GELU output (3M) per token, the two norms' mean/rstd and SDPA's
+                 the attention output (D), the residual h (D), ln2 output (D), fc1's GEMM
+                 output and the GELU output (2M) per token, the two norms' mean/rstd and SDPA's
                  logsumexp (H per token) in fp32; the math backend keeps the (H, N, N) fp32
                  softmax instead of the logsumexp (and fp32 copies of q, k, v under bf16);
                  checkpoint 'block': the block input only; 'mlp': everything up to h;
                TP divides the per-head and MLP tensors, sequence parallelism also the residual
-               stream and the norms (the gathered tower outputs stay whole). Outside the
+               stream and the norms (padded to a multiple of TP; the gathered tower outputs
+               stay whole). Outside the
                blocks: the input images (patch-conv weight gradient), pre_norm, the tower
                outputs the poolers read (a view keeps the whole (N, B, D) output alive), the
                final norms, token ids and gather indices.
@@ -40,9 +41,9 @@ accumulation, the objective over the rank's whole batch (loss + cache).
 Token lengths default to the full contexts and all boxes valid with hard negatives: a
 conservative bound of the loader's trimmed batches (pass the real ones to compare with a run).
 Checked against autograd's saved tensors on CPU in tests/test_memory.py: the activations (fp32
-to the byte, bf16 within 0.4%; checkpointing off / block / mlp / every k; SDPA and math) and the
-loss's kept tensors at DP = 1 (within 10%). Not measured: the TP/SP division (the formula
-divides what megatron's layers split), the DP gather, the working sets and the allowance.
+to the byte, bf16 within 0.4%; checkpointing off / block / mlp / every k; SDPA and math; TP=2
+with and without sequence parallelism, per rank) and the loss's kept tensors at DP = 1 (within
+10%). Not measured: the DP gather of the loss, the working sets and the allowance.
 """
 
 from __future__ import annotations
@@ -142,19 +143,30 @@ class _Shape:
         return self.tokens * self.rows
 
 
+def _sp(cfg: Config) -> int:
+    """Ranks the residual stream is split over (sequence parallelism), else 1."""
+    tp = cfg.parallel.tensor_parallel_size
+    return tp if cfg.parallel.sequence_parallel and tp > 1 else 1
+
+
+def _padded(tokens: int, sp: int) -> int:
+    return -(-tokens // sp) * sp
+
+
 def block_saved_bytes(
     s: _Shape, mode: str, cfg: Config, w: Widths, attention: str = "sdpa", dense: bool = False
 ) -> float:
     """Bytes one block keeps for backward (models/layers.py Block.forward); `dense` adds the
     value path of FG-CLIP's last vision block."""
     tp = cfg.parallel.tensor_parallel_size
-    sp = tp if cfg.parallel.sequence_parallel and tp > 1 else 1
+    sp = _sp(cfg)
     t, d, m, h = s.t, s.width, s.mlp_width, s.heads
-    stream = t * d / sp * w.act  # one (N, B, D) tensor of the residual stream
-    stats = 2 * t / sp * 4  # a LayerNorm's fp32 mean and rstd
+    tp_rows = _padded(s.tokens, sp) * s.rows  # SP pads N to a multiple of TP
+    stream = tp_rows * d / sp * w.act  # one (N, B, D) tensor of the residual stream
+    stats = 2 * tp_rows / sp * 4  # a LayerNorm's fp32 mean and rstd
     if mode == "block":
         return stream  # the checkpoint keeps its input only
-    qkv = 3 * t * d / tp * w.act
+    qkv = 3 * tp_rows * d / tp * w.act  # SP gathers the (padded) sequence for the GEMMs
     if attention == "math":
         # models/attention.py math_attention: the fp32 softmax (and the causal mask), and
         # q, k, v as contiguous fp32 copies (matmul's batched reshape of the strided views);
@@ -163,8 +175,14 @@ def block_saved_bytes(
         core += 3 * t * d / tp * 4 + (qkv if dense else 0)
     else:  # flash / SDPA: q, k, v (views of qkv), the output and the fp32 logsumexp
         core = qkv + t * h / tp * 4
-    attn = stream + stats + stream + core + t * d / tp * w.act  # x, ln1, q/k/v + core, out
-    mlp = stats + stream + 3 * t * m / tp * w.act  # ln2 out, fc1 out, sigmoid, GELU
+    out = t * d / tp * w.act  # attention output over the valid tokens (SDPA keeps it too)
+    if tp_rows > t:  # SP padding: out_proj keeps the output with zero rows appended
+        out += tp_rows * d / tp * w.act
+    attn = stream + stats + stream + core + out  # x, ln1, q/k/v + core, out
+    # ln2 out; fc1's GEMM output (models/fused.py BiasQuickGelu keeps only it and recomputes
+    # the bias add and sigmoid in backward; SigLIP's tanh GELU keeps its input) and the GELU
+    # output that fc2 keeps
+    mlp = stats + stream + 2 * tp_rows * m / tp * w.act
     total = attn + stream  # + h (the MLP checkpoint's input, or ln2's input)
     if mode != "mlp":
         total += mlp
@@ -186,7 +204,8 @@ def vision_activation_bytes(
     """models/vision.py (+ FGCLIPModel.encode_image / region_embeddings)."""
     g2 = v.grid_size**2
     s = _Shape(g2 + 1, batch, v.width, v.heads, v.mlp_width, causal=False)
-    full = s.t * v.width * w.act  # a whole (N, B, D) tower output (gathered under SP)
+    # a whole (N, B, D) tower output (gathered, with its SP padding)
+    full = _padded(s.tokens, _sp(cfg)) * batch * v.width * w.act
     out = {
         "images": batch * 3 * v.image_size**2 * w.params,  # the patch conv's weight gradient
         "pre_norm": full + 2 * s.t * 4,
