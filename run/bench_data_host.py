@@ -16,6 +16,10 @@ is printed beside it):
                    contexts, boxes, region coins, hard negatives) plus the loader's packing
                    (`batch_from_arrays`: flat RoIs, hard rows, text trimming) and key lookup;
                    JPEG bytes are handed over, not decoded;
+  host_gpu_decode_per_sample  the same before this benchmark's changes (the baseline);
+  host_gpu_decode_dali  host_gpu_decode with the source inside a DALI CPU pipeline that
+                   decodes nothing: adds DALI's copies of the outputs and its executor (the
+                   host-to-device copies of the mixed path are not measured: no GPU here);
   dali_cpu_<px>    the DALI loader with CPU decode (libjpeg-turbo) + torch resize + normalise;
   pil_<px>         the PIL reference loader (PIL decode + resize).
 Then `cores_per_gpu`: per preset (B/16 at 224, L/14 at 336, stage 2 with 8 boxes and 10
@@ -231,6 +235,54 @@ class HostPath:
         pass
 
 
+class DaliHostPath(HostPath):
+    """HostPath through DALI: the same SampleSource as DALI's external source in a CPU pipeline
+    that decodes nothing (JPEG bytes pass through), so DALI's own per-batch work (copying the
+    source's outputs into its buffers, the executor) is counted as it is in the mixed path."""
+
+    def __init__(self, cfg, image_size: int):
+        super().__init__(cfg, image_size)
+        from nvidia.dali import fn, pipeline_def, types
+
+        from fgclip_mega.data import schema
+        from fgclip_mega.data.source import OUTPUTS, SampleSource
+
+        kinds = {"uint8": types.UINT8, "int32": types.INT32, "int64": types.INT64,
+                 "float32": types.FLOAT}  # fmt: skip
+        source = SampleSource(self.stream.spec)
+        dtypes = [kinds[f.dtype] for f in schema.OUTPUTS]
+
+        @pipeline_def(batch_size=cfg.micro_batch_size, num_threads=1, device_id=None,
+                      prefetch_queue_depth=1)  # fmt: skip
+        def pipe():
+            outs = fn.external_source(source=source, num_outputs=len(OUTPUTS), batch=True,
+                                      batch_info=True, parallel=False, dtype=dtypes)  # fmt: skip
+            return tuple(outs)
+
+        self.names = OUTPUTS
+        self.pipe = pipe()
+        self.pipe.build()
+
+    def __next__(self):
+        import torch
+
+        from fgclip_mega.data.batch import batch_from_arrays
+
+        outs = self.pipe.run()
+        arrays = {
+            n: torch.from_numpy(o.as_array()) for n, o in zip(self.names[1:], outs[1:], strict=True)
+        }
+        arrays["epoch"] = 0
+        keys = self.stream.keys_of(arrays["sample_ids"].numpy())
+        return batch_from_arrays(self.images, arrays, keys)
+
+    def close(self) -> None:
+        import gc
+
+        self.pipe = None
+        gc.collect()
+
+
 def measure(make, warmup: int, batches: int) -> dict:
     """Samples per CPU-second (process + children) and per wall-second over `batches`."""
     loader = make()
@@ -296,7 +348,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mfu", type=float, default=0.4, help="stated MFU of the GPU step")
     p.add_argument("--gpu", default="H100", help="GPU name for the peak FLOP/s (peak.py)")
     p.add_argument("--variants", default="host_gpu_decode_per_sample,host_gpu_decode,"
-                   "dali_cpu_224,dali_cpu_336,pil_224,pil_336")  # fmt: skip
+                   "host_gpu_decode_dali,dali_cpu_224,dali_cpu_336,pil_224,pil_336")  # fmt: skip
     p.add_argument("--label", default="", help="recorded in every line (e.g. before/after)")
     p.add_argument("--workers", type=int, default=2, help="build_shards workers (first run)")
     args = p.parse_args(argv)
@@ -317,6 +369,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         kind, _, px = name.rpartition("_")
         if name == "host_gpu_decode":
             return lambda: HostPath(DataConfig(**base), 224), args.batches
+        if name == "host_gpu_decode_dali":
+            return lambda: DaliHostPath(DataConfig(**base), 224), args.batches
         if name == "host_gpu_decode_per_sample":  # baseline: old per-sample batch, torch trim
             return lambda: HostPath(DataConfig(**base), 224, per_sample=True), args.batches
         size = int(px)
