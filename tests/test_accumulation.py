@@ -245,3 +245,22 @@ def test_reforward_replays_the_random_draws_of_the_cached_forward(world, tmp_pat
         torch.testing.assert_close(got[name], g, atol=TOL, rtol=TOL, msg=name)
     assert reference["vision.patch_embed.weight"].abs().max() > 0
     run.loader.close()
+
+
+def test_trainer_sizes_an_auto_micro_batch_from_the_estimate(world, tmp_path):
+    """data.micro_batch_size=0: the run's micro-batch is the largest divisor of the rank's share
+    whose estimate fits train.device_memory_gb; the loader and the accumulation follow it."""
+    from fgclip_mega.profiling.memory import memory_estimate
+
+    cfg = tiny_run_config(tmp_path, "regional")
+    cfg.train.global_batch_size = 8
+    cfg.data.micro_batch_size = 0
+    fits_4 = memory_estimate(cfg, micro_batch_size=4, accumulation=2, stage="regional").total
+    fits_8 = memory_estimate(cfg, micro_batch_size=8, accumulation=1, stage="regional").total
+    assert fits_4 < fits_8
+    cfg.train.device_memory_gb = (fits_4 + fits_8) / 2 / 1e9
+    run = build_run(world, cfg)
+    assert (run.cfg.data.micro_batch_size, run.accumulation) == (4, 2)
+    assert cfg.data.micro_batch_size == 0  # the caller's config is left as it was
+    assert len(next(run.loader)) == 4
+    run.loader.close()
