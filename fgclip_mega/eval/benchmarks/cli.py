@@ -110,12 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     from fgclip_mega.checkpoint import CheckpointError
     from fgclip_mega.cli import setup_logging
     from fgclip_mega.eval.benchmarks.common import BenchmarkError
+    from fgclip_mega.runtime import GPUUnusableError
 
     args = parser().parse_args(argv)
     rank = setup_logging()
     try:
         result = evaluate(args)
-    except (ConfigError, CheckpointError, BenchmarkError, FileNotFoundError) as e:
+    except (ConfigError, CheckpointError, BenchmarkError, FileNotFoundError, GPUUnusableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
