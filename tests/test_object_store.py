@@ -220,6 +220,7 @@ def test_check_paths_takes_urls_for_shards_but_not_for_checkpoints(tmp_path):
             load_config("tiny", None, [bad])
 
 
+@pytest.mark.slow
 def test_build_shards_out_s3_writes_the_local_bytes_through_faults(s3):
     """build_shards --out s3://... (2 workers, through faults) writes exactly the objects of the
     local build, byte for byte; a rerun reuses every shard."""
