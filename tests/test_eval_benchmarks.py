@@ -385,7 +385,10 @@ def test_compare_golden_prints_deltas_against_the_published_numbers():
     assert got["t2i_r1"] == (pytest.approx(70.0), 66.1, pytest.approx(3.9))
     assert set(got) == {"i2t_r1", "t2i_r1"}  # only what was published
     assert "-6.70" in deltas_table("fgclip-v1-large", "dci", {"i2t_r1": 0.6, "t2i_r1": 0.7})
-    assert "no published fgovd number" in deltas_table("fgclip-v1-large", "fgovd", {})
+    assert "no published docci number" in deltas_table("fgclip-v1-large", "docci", {})
+    fgovd = deltas("fgclip-v1-large", "fgovd", {"hard": 0.5, "medium": 0.6, "easy": 0.7})
+    assert set(fgovd) == {"hard", "medium"}  # easy / trivial: no readable published number
+    assert fgovd["hard"] == (pytest.approx(50.0), 48.4, pytest.approx(1.6))
     with pytest.raises(ConfigError, match="known models"):
         deltas("fgclip-v9", "dci", {})
 

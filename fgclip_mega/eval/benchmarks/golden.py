@@ -9,13 +9,22 @@ from __future__ import annotations
 from fgclip_mega.config import ConfigError
 
 GOLDEN: dict[str, dict[str, dict[str, float]]] = {
-    # FG-CLIP ViT-L/14 at 336 px (qihoo360/fg-clip-large): paper arXiv 2505.05071 Table
-    # "long caption retrieval", as quoted in upstream issue 360CVGroup/FG-CLIP#22 and confirmed
-    # there by the authors' rerun (text length 248, 336 px, one normalisation).
-    "fgclip-v1-large": {"dci": {"i2t_r1": 66.7, "t2i_r1": 66.1}},
+    # FG-CLIP ViT-L/14 at 336 px (qihoo360/fg-clip-large). DCI: paper arXiv 2505.05071, as
+    # quoted in upstream issue 360CVGroup/FG-CLIP#22 and confirmed there by the authors' rerun
+    # (text length 248, 336 px, one normalisation). FG-OVD hard / medium and COCO 5k T2I R@1:
+    # the FG-CLIP series of upstream's comparison figure use_imgs/FGCLIP2_compare_all_n.png
+    # (labels read off the figure; its DCI 66.7 / 66.1 and FG-Hard 48.4 are the ViT-L/14 ones).
+    "fgclip-v1-large": {
+        "dci": {"i2t_r1": 66.7, "t2i_r1": 66.1},
+        "fgovd": {"hard": 48.4, "medium": 69.5},
+        "coco": {"t2i_r1": 50.9},
+    },
 }
 SOURCES = {
-    "fgclip-v1-large": "arXiv 2505.05071 (DCI, via 360CVGroup/FG-CLIP issue #22)",
+    "fgclip-v1-large": (
+        "arXiv 2505.05071 (DCI, via 360CVGroup/FG-CLIP issue #22); FG-OVD and COCO from "
+        "upstream's figure use_imgs/FGCLIP2_compare_all_n.png"
+    ),
 }
 
 
