@@ -1,29 +1,30 @@
 """Grouping of a global sample stream into global batches that share one NaFlex patch budget.
 
-FG-CLIP 2 pads every image of a batch to the batch's patch budget (upstream: the smallest allowed
-budget holding the batch's largest image), so one large image in a batch of small ones makes the
-whole batch pay for 1024 patches. Here each sample's own budget ("bucket", known from the stored
-image size, no decode) decides which global batch (micro x DP samples) it joins:
+FG-CLIP 2 packs every image of a batch at the batch's patch budget (upstream: the smallest
+allowed budget holding the batch's largest image; NaFlex resizes each image, aspect kept, to
+fill it), so one large image in a batch of small ones makes the whole batch cost up to 1024
+patches. Here each sample's own budget ("bucket", known from the stored image size, no decode)
+decides which global batch (micro x DP samples) it joins:
 
   * samples arrive one shuffle window at a time, in stream order; each goes to its bucket, and a
     bucket holding a full global batch emits it (FIFO);
-  * at the end of a window, a bucket other than the largest that still holds samples from an
-    earlier window is merged one budget up (all of it: its samples are padded more, but nothing
-    waits more than one window per budget level); merges run from the top down so a sample
-    climbs at most one level per window;
-  * the largest bucket, once it holds samples from an earlier window, is completed with the
-    largest waiting samples of the lower buckets (oldest first) whenever the samples waiting in
-    all buckets fill a global batch; when they do not, the next window's first samples go to the
-    largest bucket (whatever their budget) until it is emitted.
+  * at the end of a window, a bucket other than the largest that holds a sample read `patience`
+    or more windows ago (default 1: in an earlier window) is merged one budget up, all of it;
+    merges run from the top down, so a sample climbs at most one budget per window;
+  * the largest bucket, once it holds such a sample, is completed with the largest waiting
+    samples of the lower buckets (oldest first) if all waiting samples fill a global batch; if
+    they do not, the next window's first samples go to the largest bucket (whatever their
+    budget) until it is emitted.
 
 So every bucket holds fewer than a global batch after each window (the carry is bounded by
-len(budgets) x group_size samples), a sample reaches the largest bucket within len(budgets) - 1
-windows and leaves it within two more (when a window has >= group_size samples), no sample is
-dropped or emitted twice, and the whole procedure is a pure function of the
-stream: every DP rank runs it on the same global stream and gets the same batches, so the
-micro-batches of one step share one budget on every rank (the gathers of the global losses need
-equal shapes). The state (buckets, emitted-but-unconsumed batches, window counter) is plain
-lists of ints for the checkpoint.
+len(budgets) x group_size samples); a sample is emitted within patience + len(budgets) windows
+of its own (when a window has >= group_size samples); no sample is dropped or emitted twice.
+A larger patience looks further ahead (fewer merges when a global batch is a large part of a
+window) at the price of a longer wait. The procedure is a pure function of the stream: every DP
+rank runs it on the same global stream and gets the same batches, so the micro-batches of one
+step share one budget on every rank (the gathers of the global losses need equal shapes). The
+state (buckets, emitted-but-unconsumed batches, window counter) is plain lists of ints for the
+checkpoint.
 """
 
 from __future__ import annotations
@@ -36,7 +37,9 @@ Item = tuple[int, int, int]
 
 
 class BudgetGrouper:
-    def __init__(self, group_size: int, budgets: Sequence[int]):
+    def __init__(self, group_size: int, budgets: Sequence[int], patience: int = 1):
+        if patience < 1:
+            raise ValueError(f"patience={patience}: a sample must wait >= 1 window to be merged")
         if group_size < 1:
             raise ValueError(f"group_size={group_size}: a global batch needs >= 1 sample")
         budgets = tuple(int(b) for b in budgets)
@@ -44,6 +47,7 @@ class BudgetGrouper:
             raise ValueError(f"budgets={budgets}: expected distinct ascending budgets")
         self.group_size = group_size
         self.budgets = budgets
+        self.patience = patience  # windows a bucket may hold a sample before merging it up
         self.buckets: dict[int, list[Item]] = {b: [] for b in budgets}
         self.ready: deque[tuple[int, list[Item]]] = deque()
         self.serial = 0  # windows added so far
@@ -74,7 +78,8 @@ class BudgetGrouper:
     def _close_window(self) -> None:
         bs = self.budgets
         # Decided before any merge, so a sample climbs one level per window (top-down order).
-        held = {b: any(s < self.serial for _, _, s in self.buckets[b]) for b in bs}
+        old = self.serial - self.patience
+        held = {b: any(s <= old for _, _, s in self.buckets[b]) for b in bs}
         for lo, hi in reversed(list(zip(bs[:-1], bs[1:], strict=True))):
             if held[lo]:
                 moved, self.buckets[lo] = self.buckets[lo], []
@@ -101,6 +106,7 @@ class BudgetGrouper:
     def state_dict(self) -> dict:
         return {
             "group_size": self.group_size,
+            "patience": self.patience,
             "budgets": list(self.budgets),
             "serial": self.serial,
             "feed_top": self.feed_top,
@@ -113,7 +119,7 @@ class BudgetGrouper:
         """The grouper of `state`; at another group_size (a DP-size or micro-batch change) its
         waiting samples are regrouped in their order: ready batches first, then the buckets."""
         budgets = [int(b) for b in state["budgets"]]
-        g = BudgetGrouper(group_size, budgets)
+        g = BudgetGrouper(group_size, budgets, int(state["patience"]))
         g.serial = int(state["serial"])
         g.feed_top = bool(state["feed_top"])
         ready = [_batch(b, items) for b, items in state["ready"]]

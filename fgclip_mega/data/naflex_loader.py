@@ -53,7 +53,9 @@ from fgclip_mega.data.source import REGION_TEXT, region_coins
 from fgclip_mega.data.stream import storage_policy
 
 STATE_VERSION = 1
-_FIXED = ("seed", "fingerprint", "block_size", "window_blocks", "budgets", "patch_size")
+_FIXED = (
+    "seed", "fingerprint", "block_size", "window_blocks", "budgets", "patch_size", "patience"
+)  # fmt: skip
 _META = ("image_offsets", "keys", "captions", "short_captions", "box_offsets", "boxes",
          "box_short_exprs", "box_long_exprs", "neg_flags", "neg_texts")  # fmt: skip
 
@@ -91,6 +93,7 @@ class NaFlexLoader:
         dp_size: int = 1,
         shards: ShardSet | None = None,
         num_threads: int | None = None,
+        patience: int = 1,
     ):
         check_budget(max_budget)
         if cfg.micro_batch_size < 1:
@@ -115,7 +118,7 @@ class NaFlexLoader:
         self.order = StreamOrder(
             self.shards.sizes, cfg.seed, 0, 1, cfg.read_block_size, cfg.shuffle_window_blocks
         )
-        self.grouper = BudgetGrouper(self.micro * dp_size, self.budgets)
+        self.grouper = BudgetGrouper(self.micro * dp_size, self.budgets, patience)
         self.cursor = (self.order.first_epoch, 0)  # next (epoch, window) to group
         self.steps = 0  # batches consumed (informational)
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
@@ -289,6 +292,7 @@ class NaFlexLoader:
             "window_blocks": self.cfg.shuffle_window_blocks,
             "budgets": list(self.budgets),
             "patch_size": self.patch_size,
+            "patience": self.grouper.patience,
             "dp_size": self.dp,
             "micro_batch_size": self.micro,
             "cursor": list(self.cursor),
