@@ -93,6 +93,7 @@ def test_compiled_blocks_step_like_eager_and_never_recompile(world, tmp_path):
             losses[compiled].append(train_step(run, batch, step).values)
     graphs = counters["stats"]["unique_graphs"]
     assert graphs > 0, "nothing was compiled"
+    assert not counters["graph_break"], dict(counters["graph_break"])  # one graph per block
     with torch.compiler.set_stance("fail_on_recompile"):
         for step, batch in enumerate(after, len(warmup) + 1):
             for compiled, run in runs.items():
