@@ -10,8 +10,9 @@ between windows is bounded (see budget_groups.py).
 
 Reading: every rank reads the (small) `image_sizes` rows of every window it groups; texts, boxes
 and JPEG bytes are read only for the blocks/samples of its own slice. Decoding is PIL (a thread
-pool); NaFlex resize/patchify is `naflex.pack_images` (equal to HF's Siglip2ImageProcessor).
-DALI NaFlex decoding is not implemented.
+pool of data.num_threads); NaFlex resize/patchify is `naflex.pack_images` (equal to HF's
+Siglip2ImageProcessor); whole batches are assembled ahead in a background thread, up to
+data.prefetch_queue_depth. DALI NaFlex decoding is not implemented.
 
 Texts are tokenized from the stored strings with the SigLIP 2 tokenizer (lowercased): short
 captions "a photo of " + caption (64), long captions (196), each box's phrase (short or long
@@ -19,16 +20,17 @@ expression per DataConfig.region_text, the same seeded coin as v1) and, for boxe
 negatives, [short expression, K negatives] (64).
 
 State: the next window of the global stream to group, and the grouper's state (its waiting and
-emitted-but-unconsumed samples). Saving rank 0's `state_dict()` and loading it on every rank
-resumes exactly; at another dp_size or micro-batch size the waiting samples are regrouped
-(nothing repeated or skipped).
+emitted-but-unconsumed samples, prefetched batches included). Saving rank 0's `state_dict()`
+and loading it on every rank resumes exactly; at another dp_size or micro-batch size the waiting
+samples are regrouped (nothing repeated or skipped).
 """
 
 from __future__ import annotations
 
 import io
-from collections import OrderedDict
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,8 +58,6 @@ STATE_VERSION = 1
 _FIXED = (
     "seed", "fingerprint", "block_size", "window_blocks", "budgets", "patch_size", "patience"
 )  # fmt: skip
-_META = ("image_offsets", "keys", "captions", "short_captions", "box_offsets", "boxes",
-         "box_short_exprs", "box_long_exprs", "neg_flags", "neg_texts")  # fmt: skip
 
 
 @dataclass
@@ -124,10 +124,19 @@ class NaFlexLoader:
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._blocks: OrderedDict[tuple[str, int, int], dict] = OrderedDict()
         self._pool = ThreadPoolExecutor(max(1, num_threads or cfg.num_threads))
+        # Batches are assembled (read, decoded, tokenized, packed) ahead in one background thread,
+        # up to data.prefetch_queue_depth; their samples stay in the state until consumed.
+        self._assembler = ThreadPoolExecutor(1, thread_name_prefix="naflex-assemble")
+        self._pending: deque[tuple[int, list, Future]] = deque()
+        self._lock = threading.Lock()  # reader and block caches: main and assembler threads
 
     # ------------------------------------------------------------------ reading
 
     def _reader(self, shard: int) -> ShardReader:
+        with self._lock:
+            return self._reader_locked(shard)
+
+    def _reader_locked(self, shard: int) -> ShardReader:
         if shard not in self._readers:
             reader = ShardReader(self.shards.paths[shard], self.policy)
             if reader.num_samples != int(self.shards.sizes[shard]):
@@ -152,26 +161,29 @@ class NaFlexLoader:
         bs = self.cfg.read_block_size
         lo = row // bs * bs
         key = (kind, shard, lo)
-        if key not in self._blocks:
-            reader = self._reader(shard)
-            hi = min(lo + bs, reader.num_samples)
-            out = {"start": lo, "end": hi}
-            if kind == "sizes":
-                out["image_sizes"] = np.asarray(reader._a("image_sizes")[lo:hi])
-            else:
-                for name in ("image_offsets", "box_offsets"):
-                    out[name] = np.asarray(reader._a(name)[lo : hi + 1])
-                for name in ("keys", "captions", "short_captions"):
-                    out[name] = reader._a(name)[lo:hi]
-                b0, b1 = int(out["box_offsets"][0]), int(out["box_offsets"][-1])
-                for name in ("boxes", "box_short_exprs", "box_long_exprs", "neg_flags",
-                             "neg_texts"):  # fmt: skip
-                    out[name] = reader._a(name)[b0:b1]
-                out["box_base"] = b0
+        with self._lock:
+            if key in self._blocks:
+                return self._blocks[key]
+        reader = self._reader(shard)
+        hi = min(lo + bs, reader.num_samples)
+        out = {"start": lo, "end": hi}
+        if kind == "sizes":
+            out["image_sizes"] = np.asarray(reader._a("image_sizes")[lo:hi])
+        else:
+            for name in ("image_offsets", "box_offsets"):
+                out[name] = np.asarray(reader._a(name)[lo : hi + 1])
+            for name in ("keys", "captions", "short_captions"):
+                out[name] = reader._a(name)[lo:hi]
+            b0, b1 = int(out["box_offsets"][0]), int(out["box_offsets"][-1])
+            for name in ("boxes", "box_short_exprs", "box_long_exprs", "neg_flags",
+                         "neg_texts"):  # fmt: skip
+                out[name] = reader._a(name)[b0:b1]
+            out["box_base"] = b0
+        with self._lock:
             self._blocks[key] = out
             if len(self._blocks) > 256:
                 self._blocks.popitem(last=False)
-        return self._blocks[key]
+        return out
 
     def _locate(self, sid: int) -> tuple[int, int]:
         shard = int(np.searchsorted(self.order.offsets, sid, side="right") - 1)
@@ -236,12 +248,24 @@ class NaFlexLoader:
         return self
 
     def __next__(self) -> NaFlexLoaded:
-        while not self.grouper.ready:
-            self._group_next_window()
-        budget, items = self.grouper.pop()
-        mine = items[self.rank * self.micro : (self.rank + 1) * self.micro]
+        while len(self._pending) < max(1, self.cfg.prefetch_queue_depth):
+            while not self.grouper.ready:
+                self._group_next_window()
+            budget, items = self.grouper.pop()
+            mine = items[self.rank * self.micro : (self.rank + 1) * self.micro]
+            job = self._assembler.submit(self._assemble, budget, mine)
+            self._pending.append((budget, items, job))
+        _, _, job = self._pending.popleft()
         self.steps += 1
-        return self._assemble(budget, mine)
+        return job.result()
+
+    def _drop_pending(self) -> None:
+        for _, _, job in self._pending:
+            job.cancel()
+        for _, _, job in self._pending:
+            if not job.cancelled():
+                job.exception()  # wait, so no stale batch is still being built
+        self._pending.clear()
 
     def _assemble(self, budget: int, items: list[tuple[int, int, int]]) -> NaFlexLoaded:
         samples = [self._sample(sid, epoch) for sid, epoch, _ in items]
@@ -283,6 +307,10 @@ class NaFlexLoader:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
+        grouper = self.grouper.state_dict()
+        # Prefetched batches are not consumed yet: they go back in front of the ready queue.
+        prefetched = [[b, [list(it) for it in items]] for b, items, _ in self._pending]
+        grouper["ready"] = prefetched + grouper["ready"]
         return {
             "version": STATE_VERSION,
             "kind": "naflex",
@@ -297,7 +325,7 @@ class NaFlexLoader:
             "micro_batch_size": self.micro,
             "cursor": list(self.cursor),
             "steps": self.steps,
-            "grouper": self.grouper.state_dict(),
+            "grouper": grouper,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -322,9 +350,12 @@ class NaFlexLoader:
                 raise ValueError(f"cursor ({epoch}, {w}) is not a window of the stream")
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"loader state: {e}") from None
+        self._drop_pending()
         self.grouper, self.cursor, self.steps = grouper, (epoch, w), int(state.get("steps", 0))
 
     def close(self) -> None:
+        self._drop_pending()
+        self._assembler.shutdown(wait=True)
         self._pool.shutdown(wait=True)
 
     def __enter__(self):
