@@ -349,3 +349,24 @@ def test_bad_input_is_named(dataset, tmp_path):
         with pytest.raises(NaFlexError, match=r"shard-000000.zarr row 1: image of 5x40 px"):
             for _ in range(2):
                 next(loader)
+
+
+def test_loader_batches_train_the_fgclip2_model(dataset, world):
+    """The path a user takes: loader batch -> FG-CLIP 2 forward -> both stages' objectives."""
+    from fgclip_mega.config import ParallelConfig, fgclip2_tiny
+    from fgclip_mega.models.fgclip2 import FGCLIP2Model
+    from fgclip_mega.objective import Objective
+    from fgclip_mega.objective.forward_fgclip2 import encode_naflex_batch
+
+    cfg = fgclip2_tiny()
+    assert cfg.model.vision.patch_size == P
+    torch.manual_seed(0)
+    model = FGCLIP2Model(cfg.model, ParallelConfig())
+    with _loader(dataset, micro=4) as loader:
+        batch = next(b for b in loader if len(b.hard_rows) > 0)
+    for regional in (False, True):
+        objective = Objective(cfg.loss, regional=regional, impl="naive")
+        out = objective(encode_naflex_batch(model, batch, regional), model.temperatures())
+        out.total.backward()
+        names = ["long", "short"] + (["region", "tic", "fgt"] if regional else [])
+        assert all(torch.isfinite(out.parts[n]) for n in names), out.parts
