@@ -211,10 +211,11 @@ class Objective:
                 values[t.name], counts[t.name] = t.fn(emb, scale, self.ctx)
 
         total = sum(t.weight(cfg) * values[t.name].float() for t in self.terms)
-        # Temperatures no active term uses (stage 1: the region and hard-negative scales) join
-        # with a zero term: megatron DDP's overlapped reduction starts a bucket only once every
-        # parameter in it has a gradient (CUDA's default; without this stage 1 stopped at step 2).
-        used = set(self.temperature_names())
+        # Temperatures no active term uses (stage 1: the region and hard-negative scales; all of
+        # them with learn_temperatures=false, which detaches them) join with a zero term:
+        # megatron DDP's overlapped reduction starts a bucket only once every parameter in it
+        # has a gradient (CUDA's default; without this such runs stopped at step 2).
+        used = set(self.temperature_names()) if learn else set()
         for name, t in temperatures.items():
             if name not in used and t.requires_grad:
                 total = total + 0.0 * t.float().sum()
