@@ -6,6 +6,15 @@ Output: OUT/{train,val,test}.jsonl and OUT/images/{split}/NNNNNNNN.jpg, each rec
 relative to OUT/images. Deterministic from --seed (any --workers gives the same bytes); textures
 and objects are sized for training at --train-size (see fgclip_mega.data.synthetic). Build shards
 with `python -m data_prep.build_shards --annotations OUT/train.jsonl --images OUT/images`.
+
+FG-CLIP 2 (NaFlex) data: scenes of mixed sizes and aspect ratios, and a SigLIP-2-style
+tokenizer.json for their vocabulary written to OUT/tokenizer.json:
+
+    python -m data_prep.synthetic --out data/synth2 --sizes mixed --tokenizer
+
+`--sizes mixed` spans the CPU patch budgets 128/256 at patch 8 (fgclip2_tiny), `mixed-gpu` the
+budgets 256..1024 at patch 16 (see fgclip_mega.data.synthetic.MixedSizes); --width, --height
+and --train-size are then unused.
 """
 
 from __future__ import annotations
@@ -22,13 +31,23 @@ SPLITS = ("train", "val", "test")
 
 def generate(args: argparse.Namespace) -> dict[str, int]:
     counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
+    sizes = None
+    if args.sizes != "fixed":
+        from fgclip_mega.data.synthetic import MixedSizes
+
+        sizes = MixedSizes() if args.sizes == "mixed" else MixedSizes.gpu()
     t0 = time.time()
     for split in SPLITS:
         write_raw_split(
             args.out, split, counts[split], seed=args.seed, width=args.width,
             height=args.height, max_objects=args.max_objects, num_negatives=args.num_negatives,
             train_size=args.train_size, workers=args.workers, progress=args.progress,
+            sizes=sizes,
         )  # fmt: skip
+    if args.tokenizer:
+        from fgclip_mega.data.synthetic_tokenizer import write_tokenizer
+
+        print(f"[synthetic] tokenizer -> {write_tokenizer(args.out)}")
     dt = time.time() - t0
     total = sum(counts.values())
     print(
@@ -50,6 +69,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-size", type=int, default=224, help="model input size (textures)")
     p.add_argument("--max-objects", type=int, default=5)
     p.add_argument("--num-negatives", type=int, default=10)
+    p.add_argument(
+        "--sizes",
+        choices=("fixed", "mixed", "mixed-gpu"),
+        default="fixed",
+        help="fixed: every image --width x --height; mixed: per-scene sizes and aspect ratios "
+        "for NaFlex at patch 8, budgets <= 256; mixed-gpu: patch 16, budgets <= 1024",
+    )
+    p.add_argument(
+        "--tokenizer",
+        action="store_true",
+        help="also write OUT/tokenizer.json: a SigLIP-2-style BPE of the synthetic vocabulary",
+    )
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p.parse_args(argv)

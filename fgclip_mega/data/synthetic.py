@@ -26,6 +26,22 @@ encodes its size (about 0.28 small, 0.37 medium, 0.46 large at 128x96). Objects 
 the margined box lies inside the image (no clipping, which would change that share) and holds no
 pixel of another object.
 
+Mixed sizes for NaFlex (FG-CLIP 2; `MixedSizes`, off by default): each scene draws its own width
+and height (aspect ratio log-uniform in 1:max_aspect..max_aspect:1, native patch count
+log-uniform in [min_patches, max_patches] at the spec's patch size, short side >=
+min_short_patches patches) from a stream separate from the scene's, so the drawing stream is
+the fixed-size one. NaFlex does not squash: it keeps the aspect ratio and scales the image to
+the largest patch grid within the batch's budget, and a batch's budget is at least the smallest
+allowed one holding this image's own native grid (capped at max_budget), so the smallest scale
+an image can be trained at is its grid at that budget. The rule: one texture cell is
+>= max(4, patch_size / 2) px on both axes at that smallest scale (`naflex_texture_cell`; any
+larger budget only enlarges it), objects stay fractions of the short side, and box margins are
+BOX_MARGIN of the short side on both axes (not of each axis: on a 3:1 image a margin of 10% of
+the width would exceed a small object, and the covered share would then encode the aspect ratio
+instead of the size); object sides jitter +-5% around their size's fraction (+-10% for fixed
+sizes, where a small star's share of its box reached a medium square's). The fixed-size
+default is unchanged (same bytes as generator 4).
+
 Everything is a pure function of (seed, split, index): any worker count gives the same bytes.
 """
 
@@ -142,6 +158,83 @@ def texture_cell(width: int, height: int, train_size: int) -> int:
     return max(2, math.ceil(cell_train * max(width, height) / train_size))
 
 
+def naflex_scale(width: int, height: int, patch_size: int, max_budget: int) -> float:
+    """Smallest factor (on either axis) NaFlex resizes a width x height image by: its grid at
+    the smallest budget any batch holding it can get (its own native patch count's budget)."""
+    from fgclip_mega.data.naflex import batch_budget, grid_for_budget, native_patches
+
+    budget = batch_budget([native_patches(height, width, patch_size)], max_budget)
+    gh, gw = grid_for_budget(height, width, patch_size, budget)
+    return min(gh * patch_size / height, gw * patch_size / width)
+
+
+def naflex_texture_cell(width: int, height: int, patch_size: int, max_budget: int) -> int:
+    """Texture cell in source pixels: >= max(4, patch_size / 2) px on both axes after any
+    NaFlex resize of the image (aspect kept, budget <= max_budget)."""
+    cell_train = max(4.0, patch_size / 2)
+    return max(2, math.ceil(cell_train / naflex_scale(width, height, patch_size, max_budget)))
+
+
+_SIZE_SALT = 101  # the size stream of (seed, split, index), apart from the drawing stream
+
+
+@dataclass(frozen=True)
+class MixedSizes:
+    """Per-scene width and height for NaFlex training, drawn from (seed, split, index).
+
+    The default spans the CPU budgets 128 and 256 at patch 8 (and some images above 256
+    patches, downscaled to the cap); `MixedSizes.gpu()` spans 256..1024 at patch 16."""
+
+    patch_size: int = 8
+    """NaFlex patch size the scenes are drawn for (textures, native patch counts)."""
+    max_budget: int = 256
+    """Largest patch budget of the run (batches never exceed it; bigger images shrink)."""
+    min_patches: int = 96
+    """Smallest native patch count (w // p) * (h // p) drawn, roughly (log-uniform)."""
+    max_patches: int = 320
+    """Largest native patch count drawn, roughly (log-uniform)."""
+    max_aspect: float = 3.0
+    """Aspect ratios w / h are log-uniform in [1 / max_aspect, max_aspect]."""
+    min_short_patches: int = 6
+    """Short side at least this many patches (raises the patch count of elongated scenes)."""
+
+    def __post_init__(self):
+        from fgclip_mega.data.naflex import check_budget
+
+        check_budget(self.max_budget)
+        if self.patch_size < 2:
+            raise ValueError(f"MixedSizes.patch_size: {self.patch_size} < 2")
+        if not 1 <= self.min_patches <= self.max_patches:
+            raise ValueError(
+                f"MixedSizes.min_patches/max_patches: need 1 <= {self.min_patches} <= "
+                f"{self.max_patches}"
+            )
+        if self.max_aspect < 1:
+            raise ValueError(f"MixedSizes.max_aspect: {self.max_aspect} < 1")
+        if self.min_short_patches < 1:
+            raise ValueError(f"MixedSizes.min_short_patches: {self.min_short_patches} < 1")
+
+    @classmethod
+    def gpu(cls) -> MixedSizes:
+        """Patch 16, budgets 256..1024 (the GPU presets' range)."""
+        return cls(patch_size=16, max_budget=1024, min_patches=200, max_patches=1280)
+
+    def size(self, seed: int, split: str, index: int) -> tuple[int, int]:
+        """(width, height) of scene `index` of `split`."""
+        rng = np.random.default_rng([seed, _SPLIT_SALT[split], index, _SIZE_SALT])
+        log_aspect = math.log(self.max_aspect)
+        aspect = math.exp(rng.uniform(-log_aspect, log_aspect))  # w / h
+        # The short side is sqrt(n / max(aspect, 1 / aspect)) patches: floor n so it holds
+        # min_short_patches (an elongated scene gets more patches, not a thinner short side).
+        lo = max(self.min_patches, self.min_short_patches**2 * max(aspect, 1 / aspect))
+        hi = max(lo, self.max_patches)
+        n = math.exp(rng.uniform(math.log(lo), math.log(hi)))
+        p = self.patch_size
+        width = math.ceil(p * math.sqrt(n * aspect))
+        height = math.ceil(p * math.sqrt(n / aspect))
+        return width, height
+
+
 def _texture_mask(texture: str, n: int, cell: int) -> np.ndarray:
     """(n, n) bool: True where the texture's second shade is drawn; features `cell` px wide."""
     yy, xx = np.mgrid[0:n, 0:n]
@@ -213,16 +306,24 @@ def make_scene(
     num_negatives: int = 10,
     jpeg_quality: int = 90,
     train_size: int = TRAIN_SIZE,
+    sizes: MixedSizes | None = None,
 ) -> tuple[str, bytes, dict]:
     """(f_path, JPEG bytes, FineHARD record) of image `index` of `split`, drawn for training
-    at train_size x train_size."""
+    at train_size x train_size; with `sizes`, drawn at its own size for NaFlex training (width,
+    height and train_size are then unused)."""
     if split not in _SPLIT_SALT:
         raise ValueError(f"split {split!r}: expected one of {SPLITS}")
+    if sizes is not None:
+        width, height = sizes.size(seed, split, index)
     rng = np.random.default_rng([seed, _SPLIT_SALT[split], index])
     bg_name, img = _background(rng, width, height)
     short_side = min(width, height)
-    cell = texture_cell(width, height, train_size)
-    mx, my = round(BOX_MARGIN * width), round(BOX_MARGIN * height)  # margin in source pixels
+    if sizes is None:
+        cell = texture_cell(width, height, train_size)
+        mx, my = round(BOX_MARGIN * width), round(BOX_MARGIN * height)  # margin in source px
+    else:  # NaFlex keeps the aspect ratio: margins of the short side (see the module doc)
+        cell = naflex_texture_cell(width, height, sizes.patch_size, sizes.max_budget)
+        mx = my = round(BOX_MARGIN * short_side)
     placed: list[tuple[int, int, int, int]] = []
     objects: list[SceneObject] = []
     for _ in range(int(rng.integers(2, max_objects + 1))):
@@ -232,7 +333,10 @@ def make_scene(
             size=list(SIZES)[rng.integers(len(SIZES))],
             texture=TEXTURES[rng.integers(len(TEXTURES))],
         )
-        side = max(8, int(SIZES[attrs["size"]] * short_side * rng.uniform(0.9, 1.1)))
+        jitter = rng.uniform(0.9, 1.1)
+        if sizes is not None:  # +-5%: with a star's smaller tight box, +-10% made sizes overlap
+            jitter = 1 + (jitter - 1) / 2
+        side = max(8, int(SIZES[attrs["size"]] * short_side * jitter))
         if side + 2 * mx > width or side + 2 * my > height:
             continue  # the margined box would not fit in the image
         for _try in range(30):
@@ -309,12 +413,14 @@ def write_raw_split(
     train_size: int = TRAIN_SIZE,
     workers: int = 1,
     progress: bool = False,
+    sizes: MixedSizes | None = None,
 ) -> Path:
     """Writes images 0..num_samples-1 of `split` as root/images/{split}/NNNNNNNN.jpg and their
     records as root/{split}.jsonl (f_path relative to root/images); returns the JSONL path.
 
     The JSONL appears only complete (written aside, then renamed): a consumer never sees a
-    half-written split. Any worker count gives the same bytes.
+    half-written split. Any worker count gives the same bytes. With `sizes`, every scene has its
+    own size (see `MixedSizes`); width, height and train_size are unused.
     """
     from tqdm import tqdm
 
@@ -322,7 +428,7 @@ def write_raw_split(
     image_dir = root / "images"
     (image_dir / split).mkdir(parents=True, exist_ok=True)
     kw = dict(seed=seed, width=width, height=height, max_objects=max_objects,
-              num_negatives=num_negatives, train_size=train_size)  # fmt: skip
+              num_negatives=num_negatives, train_size=train_size, sizes=sizes)  # fmt: skip
     work = partial(_scene_line, split=split, image_dir=str(image_dir), kw=kw)
     jsonl = root / f"{split}.jsonl"
     tmp = jsonl.with_name(jsonl.name + f".tmp{os.getpid()}")
