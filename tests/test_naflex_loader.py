@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fgclip_mega.config import DataConfig
+from fgclip_mega.config import Config, ConfigError, DataConfig
 from fgclip_mega.data.budget_groups import BudgetGrouper
 from fgclip_mega.data.ingest import Sample
 from fgclip_mega.data.naflex import PATCH_BUDGETS, NaFlexError, batch_budget, native_patches
@@ -94,7 +94,8 @@ def _cfg(root, micro=2, **kw) -> DataConfig:
 
 def _loader(dataset, rank=0, dp=1, **kw) -> NaFlexLoader:
     root, tok = dataset
-    return NaFlexLoader(_cfg(root, **kw), tok, patch_size=P, dp_rank=rank, dp_size=dp)
+    cfg = _cfg(root, tokenizer=str(tok), **kw)
+    return NaFlexLoader(cfg, patch_size=P, dp_rank=rank, dp_size=dp)
 
 
 # ----------------------------------------------------------------------------- grouping
@@ -338,6 +339,16 @@ def test_bad_input_is_named(dataset, tmp_path):
         NaFlexLoader(_cfg(root), tok, patch_size=P, max_budget=500)
     with pytest.raises(TokenizerError, match="no such tokenizer"):
         NaFlexLoader(_cfg(root), tmp_path / "missing", patch_size=P)
+    with pytest.raises(ValueError, match="data.tokenizer is empty"):
+        NaFlexLoader(_cfg(root), patch_size=P)
+    cfg = Config(data=_cfg(root, max_patch_budget=500))
+    with pytest.raises(ConfigError, match=r"data.max_patch_budget: one of \(128, 256"):
+        cfg.validate()
+    for budget in PATCH_BUDGETS:  # the config's list is naflex.PATCH_BUDGETS
+        Config(data=_cfg(root, max_patch_budget=budget)).validate()
+    cfg = Config(data=_cfg(root, budget_patience=0))
+    with pytest.raises(ConfigError, match="data.budget_patience: must be >= 1"):
+        cfg.validate()
     with _loader(dataset) as loader:
         state = loader.state_dict()
     with _loader(dataset, seed=8) as other, pytest.raises(ValueError, match="seed=7"):
@@ -353,10 +364,11 @@ def test_bad_input_is_named(dataset, tmp_path):
 
 def test_loader_batches_train_the_fgclip2_model(dataset, world):
     """The path a user takes: loader batch -> FG-CLIP 2 forward -> both stages' objectives."""
-    from fgclip_mega.config import ParallelConfig, fgclip2_tiny
+    from fgclip_mega.config import ParallelConfig
     from fgclip_mega.models.fgclip2 import FGCLIP2Model
     from fgclip_mega.objective import Objective
     from fgclip_mega.objective.forward_fgclip2 import encode_naflex_batch
+    from fgclip_mega.presets import fgclip2_tiny
 
     cfg = fgclip2_tiny()
     assert cfg.model.vision.patch_size == P

@@ -86,15 +86,22 @@ class NaFlexLoader:
     def __init__(
         self,
         cfg: DataConfig,
-        tokenizer: Siglip2Tokenizer | str | Path,
+        tokenizer: Siglip2Tokenizer | str | Path | None = None,
         patch_size: int = 16,
-        max_budget: int = 1024,
+        max_budget: int | None = None,
         dp_rank: int = 0,
         dp_size: int = 1,
         shards: ShardSet | None = None,
         num_threads: int | None = None,
-        patience: int = 1,
+        patience: int | None = None,
     ):
+        """`tokenizer`, `max_budget`, `patience` default to data.tokenizer,
+        data.max_patch_budget, data.budget_patience; `patch_size` is the vision tower's."""
+        max_budget = cfg.max_patch_budget if max_budget is None else max_budget
+        patience = cfg.budget_patience if patience is None else patience
+        tokenizer = cfg.tokenizer if tokenizer is None else tokenizer
+        if tokenizer == "":
+            raise ValueError("data.tokenizer is empty: FG-CLIP 2 needs a SigLIP 2 tokenizer.json")
         check_budget(max_budget)
         if cfg.micro_batch_size < 1:
             raise ValueError(
