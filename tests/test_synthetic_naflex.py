@@ -282,3 +282,40 @@ def test_tokenizer_covers_every_synthetic_text(synth_tokenizer):
     for group in groups:
         rows = tok.phrases(group)
         assert len({r.tobytes() for r in rows}) == len(group), group
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_embedded_naflex_set_feeds_the_naflex_loader(tmp_path):
+    # The FG-CLIP 2 synthetic data path: mixed-size scenes sharded with the tokenizer beside
+    # them, read by the NaFlex loader: batches of both CPU budgets, each image at its own
+    # aspect-kept grid, its stored size = its JPEG's, texts without <unk>.
+    from fgclip_mega.config import DataConfig
+    from fgclip_mega.data.embedded_naflex import ensure_synthetic_naflex_shards
+    from fgclip_mega.data.naflex import grid_for_budget
+    from fgclip_mega.data.naflex_loader import NaFlexLoader
+
+    index, tok = ensure_synthetic_naflex_shards(tmp_path, num_samples=48, shard_size=16)
+    built = index.stat().st_mtime_ns
+    assert ensure_synthetic_naflex_shards(tmp_path, num_samples=48, shard_size=16) == (index, tok)
+    assert index.stat().st_mtime_ns == built  # reused, not rebuilt
+    cfg = DataConfig(shards=str(index.parent), micro_batch_size=4, max_boxes=5,
+                     num_hard_negatives=10, read_block_size=4, shuffle_window_blocks=2, seed=1,
+                     num_threads=1, tokenizer=str(tok.parent))  # fmt: skip
+    budgets, keys = {}, []
+    with NaFlexLoader(cfg, patch_size=CPU.patch_size, max_budget=CPU.max_budget) as loader:
+        for _ in range(12):  # one epoch of 48
+            b = next(loader)
+            budgets[b.budget] = budgets.get(b.budget, 0) + 1
+            keys += [(int(e), k) for e, k in zip(b.sample_epochs, b.keys, strict=True)]
+            for key, grid in zip(b.keys, b.grids, strict=True):
+                w, h = Image.open(tmp_path / "raw" / "images" / key).size
+                assert grid == grid_for_budget(h, w, CPU.patch_size, b.budget), key
+            for rows in (b.long_tokens, b.short_tokens, b.region_tokens, b.hardneg_tokens):
+                assert not (rows == 3).any()
+    # (budget grouping may hold a sample back past the epoch's end: no repeats within an epoch)
+    assert len(set(keys)) == len(keys) and sum(e == 0 for e, _ in keys) >= 40, keys
+    assert set(budgets) == {128, 256}, budgets
+    index2, _ = ensure_synthetic_naflex_shards(tmp_path, num_samples=48, shard_size=16, seed=1)
+    assert json.loads(index2.read_text())["synthetic_naflex"]["seed"] == 1  # rebuilt
