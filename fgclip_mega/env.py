@@ -131,7 +131,7 @@ def _roi_align_status() -> Feature:
 
 def run_settings(preset: str) -> dict[str, str]:
     """What a run of `preset` will use on this machine, resolved as the trainer resolves it."""
-    from fgclip_mega.config import preset as make_preset
+    from fgclip_mega.presets import preset as make_preset
     from fgclip_mega.runtime import resolve_runtime
 
     try:
@@ -146,7 +146,7 @@ def memory_plans(
     """Per stage: the batch plan of `preset` on `world_size` GPUs of `gpu_memory_gb` (1e9 bytes)
     and the plan with activation checkpointing toggled; an 'error' entry where none fits."""
     from fgclip_mega.config import ConfigError
-    from fgclip_mega.config import preset as make_preset
+    from fgclip_mega.presets import preset as make_preset
     from fgclip_mega.train.batching import plan_batch
 
     out: dict = {"gpu_memory_gb": gpu_memory_gb, "world_size": world_size}

@@ -305,7 +305,7 @@ def measure(make, warmup: int, batches: int) -> dict:
 
 def gpu_rates(batch: int, dp: int, lens: list[tuple], mfu: float, gpu: str) -> dict[str, dict]:
     """Samples/s per GPU of each preset at `mfu` (stage 2, the measured shapes)."""
-    from fgclip_mega.config import load_config
+    from fgclip_mega.presets import load_config
     from fgclip_mega.profiling.flops import training_flops
     from fgclip_mega.profiling.peak import gpu_peak_flops
 

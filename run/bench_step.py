@@ -177,7 +177,7 @@ def plain_step(model: PlainFGCLIP, opt, batch, cfg, runtime) -> None:
 
 
 def _config(args, stage: str, micro_batch: int | None, tp: int, work: Path):
-    from fgclip_mega.config import load_config
+    from fgclip_mega.presets import load_config
 
     overrides = [
         f"train.stage={stage}",

@@ -87,7 +87,7 @@ def _has_field(section, name: str) -> bool:
 
 
 def build_config(case: Case, args, work: Path):
-    from fgclip_mega.config import load_config
+    from fgclip_mega.presets import load_config
 
     tag = f"{case.preset}_{case.stage}_{'_'.join(case.options) or 'plain'}"
     overrides = case.overrides() + [

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import torch
 
-from fgclip_mega.config import PRESETS, ModelConfig, ParallelConfig, TextConfig, VisionConfig
+from fgclip_mega.config import ModelConfig, ParallelConfig, TextConfig, VisionConfig
+from fgclip_mega.presets import PRESETS
 
 EOS = 49407
 
@@ -191,7 +192,7 @@ def make_rois(gen, n_img, h, w, k, scale=1.0, empty_images=(), dtype=torch.float
 def train_config(out: Path, data: Path, steps: int, **overrides):
     """The tiny preset cut to one layer per tower, 24 synthetic samples, micro-batch 4, a log
     line every step; overrides as section__field=value."""
-    from fgclip_mega.config import tiny
+    from fgclip_mega.presets import tiny
 
     cfg = tiny()
     cfg.model.vision.layers = 1
@@ -212,7 +213,7 @@ def train_config(out: Path, data: Path, steps: int, **overrides):
 def tiny_run_config(tmp: Path, stage: str, dtype: str = "fp32"):
     """The tiny preset cut to one layer per tower, micro-batch 4 and 8 synthetic samples: a
     TrainingRun of it builds and steps in seconds."""
-    from fgclip_mega.config import tiny
+    from fgclip_mega.presets import tiny
 
     cfg = tiny()
     cfg.model.vision.layers = 1

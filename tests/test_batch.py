@@ -144,9 +144,10 @@ def test_trimmed_batch_keeps_every_token():
 def tiny_model():
     import torch.distributed as dist
 
-    from fgclip_mega.config import PRESETS, ParallelConfig
+    from fgclip_mega.config import ParallelConfig
     from fgclip_mega.models import FGCLIPModel
     from fgclip_mega.parallel import destroy_parallel, init_parallel
+    from fgclip_mega.presets import PRESETS
 
     started_here = not dist.is_initialized()
     init_parallel(ParallelConfig(), seed=0)

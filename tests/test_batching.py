@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from fgclip_mega.config import ConfigError, load_config, preset, tiny
+from fgclip_mega.config import ConfigError
+from fgclip_mega.presets import load_config, preset, tiny
 from fgclip_mega.profiling.memory import memory_estimate
 from fgclip_mega.train.batching import plan_batch, resolve_batch
 

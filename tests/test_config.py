@@ -4,16 +4,8 @@ import sys
 
 import pytest
 
-from fgclip_mega.config import (
-    PRESETS,
-    Config,
-    ConfigError,
-    apply_cli,
-    fgclip_vit_b16,
-    fgclip_vit_l14_336,
-    load_config,
-    tiny,
-)
+from fgclip_mega.config import Config, ConfigError, apply_cli
+from fgclip_mega.presets import PRESETS, fgclip_vit_b16, fgclip_vit_l14_336, load_config, tiny
 
 
 def _all_fields(node, prefix=""):

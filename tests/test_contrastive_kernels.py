@@ -500,8 +500,9 @@ def test_no_autotune_tile_spills_on_sm90_at_training_shapes():
 def test_loss_inputs_stay_bf16_on_cuda_by_default():
     # precision.loss_in_fp32=auto (the default): train/step.py upcasts the embeddings only off
     # CUDA; on a GPU the bf16 embeddings go into the kernels tested above.
-    from fgclip_mega.config import PrecisionConfig, load_config
+    from fgclip_mega.config import PrecisionConfig
     from fgclip_mega.losses.dispatch import upcast_loss_inputs
+    from fgclip_mega.presets import load_config
 
     assert PrecisionConfig().loss_in_fp32 == "auto"
     assert upcast_loss_inputs("auto", torch.device("cuda", 0)) is False

@@ -334,7 +334,7 @@ def test_config_json_fills_the_shape_and_a_disagreeing_preset_fails_naming_the_f
     # A checkpoint whose config says 8 text heads (the rest as the tiny preset) refuses the
     # 4-head tiny preset, naming that field alone.
     from fgclip_mega.checkpoint import clip_config
-    from fgclip_mega.config import PRESETS
+    from fgclip_mega.presets import PRESETS
 
     config = clip_config(PRESETS["tiny"]().model).to_dict()
     config["text_config"]["num_attention_heads"] = 8

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from fgclip_mega.config import ParallelConfig, fgclip2_tiny
+from fgclip_mega.config import ParallelConfig
 from fgclip_mega.data.naflex import NaFlexBatch, batch_budget, native_patches, pack_images
+from fgclip_mega.presets import fgclip2_tiny
 
 
 def _batch(cfg, gen) -> NaFlexBatch:

@@ -15,7 +15,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fgclip_mega.config import PRESETS, Config, ParallelConfig
+from fgclip_mega.config import Config, ParallelConfig
+from fgclip_mega.presets import PRESETS
 from fgclip_mega.profiling import peak
 from fgclip_mega.profiling.flops import Flops, training_flops
 from tests.distributed import run_distributed

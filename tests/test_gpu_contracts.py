@@ -19,7 +19,8 @@ import dataclasses
 import pytest
 import torch
 
-from fgclip_mega.config import ParallelConfig, fgclip_vit_b16, tiny
+from fgclip_mega.config import ParallelConfig
+from fgclip_mega.presets import fgclip_vit_b16, tiny
 from fgclip_mega.runtime import resolve_runtime
 from tests.builders import build_run, tiny_run_config
 

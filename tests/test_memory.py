@@ -15,7 +15,8 @@ import weakref
 import pytest
 import torch
 
-from fgclip_mega.config import ParallelConfig, tiny
+from fgclip_mega.config import ParallelConfig
+from fgclip_mega.presets import tiny
 from fgclip_mega.profiling import memory
 from tests.test_flops import make_batch
 

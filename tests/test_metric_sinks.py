@@ -302,7 +302,8 @@ def test_training_killed_and_resumed_leaves_sinks_equal_to_jsonl(tmp_path):
 
 
 def test_loggers_config_takes_a_list_and_names_the_field_when_wrong():
-    from fgclip_mega.config import ConfigError, load_config
+    from fgclip_mega.config import ConfigError
+    from fgclip_mega.presets import load_config
 
     assert load_config("tiny").train.loggers == ["jsonl"]
     for given, want in (("[jsonl,tensorboard]", ["jsonl", "tensorboard"]),

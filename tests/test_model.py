@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from fgclip_mega.config import PRESETS, ModelConfig, ParallelConfig
+from fgclip_mega.config import ModelConfig, ParallelConfig
+from fgclip_mega.presets import PRESETS
 from tests.builders import (
     EOS,
     b16_config,

@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fgclip_mega.config import DataConfig, load_config
+from fgclip_mega.config import DataConfig
 from fgclip_mega.data import storage
 from fgclip_mega.data.build import build_shards
 from fgclip_mega.data.shards import ShardReader, open_shard_set
+from fgclip_mega.presets import load_config
 from tests.builders import write_raw
 from tests.distributed import run_distributed
 

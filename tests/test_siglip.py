@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from fgclip_mega.config import ConfigError, load_config
+from fgclip_mega.config import ConfigError
+from fgclip_mega.presets import load_config
 
 
 def _overrides(tmp, steps: int) -> list[str]:
@@ -73,9 +74,10 @@ def test_siglip_trains_checkpoints_resumes_and_exports(tmp_path):
 def _export_from(state, export_hf_state_dict):
     import torch.distributed as dist
 
-    from fgclip_mega.config import ParallelConfig, tiny
+    from fgclip_mega.config import ParallelConfig
     from fgclip_mega.models import FGCLIPModel
     from fgclip_mega.parallel import destroy_parallel, init_parallel
+    from fgclip_mega.presets import tiny
 
     started = not dist.is_initialized()
     init_parallel(ParallelConfig())

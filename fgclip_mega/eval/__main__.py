@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from fgclip_mega.cli import setup_logging
-from fgclip_mega.config import PRESETS, Config, ConfigError, apply_cli, apply_dict, preset
+from fgclip_mega.config import Config, ConfigError, apply_cli, apply_dict
+from fgclip_mega.presets import PRESETS, preset
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import sys
 
-from fgclip_mega.config import PRESETS, ModelConfig
+from fgclip_mega.config import ModelConfig
+from fgclip_mega.presets import PRESETS
 
 
 def _block(d: int, mlp: int) -> int:

@@ -7,7 +7,8 @@ import json
 import sys
 
 from fgclip_mega.cli import setup_logging
-from fgclip_mega.config import PRESETS, ConfigError, load_config
+from fgclip_mega.config import ConfigError
+from fgclip_mega.presets import PRESETS, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

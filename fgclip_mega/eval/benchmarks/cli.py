@@ -15,7 +15,8 @@ import sys
 import time
 from pathlib import Path
 
-from fgclip_mega.config import PRESETS, ConfigError
+from fgclip_mega.config import ConfigError
+from fgclip_mega.presets import PRESETS
 
 TASKS = {
     "fgovd": "FG-OVD hard/medium/easy/trivial (FG-CLIP's JSONL files, COCO val2017 images)",
