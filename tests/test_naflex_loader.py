@@ -283,6 +283,7 @@ def test_resume_is_exact(dataset):
     with _loader(dataset) as loader:
         first = [_summary(next(loader)) for _ in range(11)]
         state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint stores it
+    assert state["global_samples"] == 11 * 2 and state["epoch"] == 0  # what the trainer logs
     # The resume point holds carried samples (waiting buckets and/or grouped, unread batches).
     assert any(items for _, items in state["grouper"]["buckets"]) or state["grouper"]["ready"]
     with _loader(dataset) as loader:

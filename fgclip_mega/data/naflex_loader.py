@@ -128,6 +128,7 @@ class NaFlexLoader:
         self.grouper = BudgetGrouper(self.micro * dp_size, self.budgets, patience)
         self.cursor = (self.order.first_epoch, 0)  # next (epoch, window) to group
         self.steps = 0  # batches consumed (informational)
+        self.global_samples = 0  # samples consumed by the whole DP group
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._blocks: OrderedDict[tuple[str, int, int], dict] = OrderedDict()
         self._pool = ThreadPoolExecutor(max(1, num_threads or cfg.num_threads))
@@ -264,7 +265,16 @@ class NaFlexLoader:
             self._pending.append((budget, items, job))
         _, _, job = self._pending.popleft()
         self.steps += 1
+        self.global_samples += self.micro * self.dp
         return job.result()
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the oldest sample not yet consumed (the trainer's checkpoint logs it)."""
+        waiting = [items for _, items, _ in self._pending] + [v for _, v in self.grouper.ready]
+        waiting += list(self.grouper.buckets.values())
+        epochs = [e for items in waiting for _, e, _ in items]
+        return min(epochs) if epochs else self.cursor[0]
 
     def _drop_pending(self) -> None:
         for _, _, job in self._pending:
@@ -332,6 +342,8 @@ class NaFlexLoader:
             "micro_batch_size": self.micro,
             "cursor": list(self.cursor),
             "steps": self.steps,
+            "epoch": self.epoch,
+            "global_samples": self.global_samples,
             "grouper": grouper,
         }
 
@@ -359,6 +371,7 @@ class NaFlexLoader:
             raise ValueError(f"loader state: {e}") from None
         self._drop_pending()
         self.grouper, self.cursor, self.steps = grouper, (epoch, w), int(state.get("steps", 0))
+        self.global_samples = int(state.get("global_samples", 0))
 
     def close(self) -> None:
         self._drop_pending()
