@@ -19,7 +19,12 @@ from pathlib import Path
 
 from fgclip_mega.data.build import build_shards
 from fgclip_mega.data.shards import INDEX_NAME
-from fgclip_mega.data.synthetic import GENERATOR_VERSION, MixedSizes, write_raw_split
+from fgclip_mega.data.synthetic import (
+    GENERATOR_VERSION,
+    MIXED_VERSION,
+    MixedSizes,
+    write_raw_split,
+)
 from fgclip_mega.data.synthetic_tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -47,6 +52,7 @@ def ensure_synthetic_naflex_shards(
         "shard_size": shard_size,
         "num_negatives": num_negatives,
         "generator": GENERATOR_VERSION,
+        "mixed_generator": MIXED_VERSION,
     }
     index_path = directory / "shards" / INDEX_NAME
     tokenizer = directory / "tokenizer" / "tokenizer.json"

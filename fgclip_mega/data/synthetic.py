@@ -176,6 +176,9 @@ def naflex_texture_cell(width: int, height: int, patch_size: int, max_budget: in
 
 
 _SIZE_SALT = 101  # the size stream of (seed, split, index), apart from the drawing stream
+MIXED_VERSION = 1
+"""Bumped when mixed-size drawing (`MixedSizes`, its texture/margin rules) changes: embedded
+mixed-size sets record it beside GENERATOR_VERSION and are rebuilt."""
 
 
 @dataclass(frozen=True)
