@@ -387,3 +387,50 @@ def test_loader_batches_train_the_fgclip2_model(dataset, world):
         out.total.backward()
         names = ["long", "short"] + (["region", "tic", "fgt"] if regional else [])
         assert all(torch.isfinite(out.parts[n]) for n in names), out.parts
+
+
+def _dp_rank_body(root: str, tok: str, steps: int, resume_at: int) -> dict:
+    """One DP rank (spawned, gloo): all-gathers its pixels every step (the global losses'
+    gather needs equal shapes on every rank); after `resume_at` steps a second loader resumes
+    from rank 0's state (as a checkpoint restores it) and reads 5 batches."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = _cfg(root, tokenizer=tok)
+    got, resumed_batches = [], []
+    with NaFlexLoader(cfg, patch_size=P, dp_rank=rank, dp_size=world) as loader:
+        for step in range(steps):
+            batch = next(loader)
+            parts = [torch.empty_like(batch.pixels) for _ in range(world)]
+            dist.all_gather(parts, batch.pixels)  # fails on unequal shapes
+            got.append((_summary(batch), batch.sample_epochs.tolist()))
+            if step + 1 == resume_at:
+                state = [loader.state_dict() if rank == 0 else None]
+                dist.broadcast_object_list(state, src=0)
+                with NaFlexLoader(cfg, patch_size=P, dp_rank=rank, dp_size=world) as resumed:
+                    resumed.load_state_dict(state[0])
+                    resumed_batches = [_summary(next(resumed)) for _ in range(5)]
+    dist.destroy_process_group()
+    return {"batches": got, "resumed": resumed_batches}
+
+
+@pytest.mark.slow
+def test_dp2_spawned_ranks_gather_equal_shapes_and_resume(dataset):
+    from tests.distributed import run_distributed
+
+    root, tok = dataset
+    steps, cut = 24, 7  # 24 x 2 x 2 = 96 samples >= 46 + the bounded carry
+    ranks = run_distributed(_dp_rank_body, 2, str(root), str(tok), steps, cut)
+    ids = [
+        sid
+        for r in ranks
+        for summary, epochs in r["batches"]
+        for sid, ep in zip(summary[1], epochs, strict=True)
+        if ep == 0
+    ]
+    assert sorted(ids) == list(range(46))  # every sample of epoch 0 once across the ranks
+    for (s0, _), (s1, _) in zip(ranks[0]["batches"], ranks[1]["batches"], strict=True):
+        assert s0[0] == s1[0]  # one budget per step
+    for r in ranks:
+        assert r["resumed"] == [s for s, _ in r["batches"][cut : cut + 5]]
