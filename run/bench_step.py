@@ -5,6 +5,12 @@ Prints one JSON object per line, per (preset, stage, micro-batch, TP): `samples_
 counts, over the median step time), `mfu` (against `profiling.device_peak_flops`: the GPU
 datasheet peak, or the measured fp32 matmul rate on CPU), `peak_mem_mb`, `host_syncs_per_step`
 and `overhead_vs_plain` = median time of our step / median time of the plain step.
+With `--compile` (the default) the same step also runs with `parallel.compile_blocks` (every
+transformer block torch.compile'd): `compiled_step_ms`, `compiled_vs_eager` = its median time /
+our eager step's, measured interleaved in the same rounds, and `compile_warmup_s`, the warm-up
+steps' time (first compiles included). All three steps then take batches whose texts are cut to
+multiples of 32 (`data.text_length_multiple`, which compiling needs), so the ratio is the
+compiler's alone.
 
 Ours: `fgclip_mega.train.step.train_step` on a `TrainingRun` (megatron TP layers + DDP +
 optimizer, the Objective, gradient clipping, LR schedule, temperature clamp).
@@ -188,6 +194,8 @@ def _config(args, stage: str, micro_batch: int | None, tp: int, work: Path):
     ]
     if micro_batch:
         overrides.append(f"data.micro_batch_size={micro_batch}")
+    if args.compile:
+        overrides.append("data.text_length_multiple=32")
     if args.layers:
         overrides += [f"model.vision.layers={args.layers}", f"model.text.layers={args.layers}"]
     cfg = load_config(args.preset, None, overrides + list(args.overrides))
@@ -250,6 +258,13 @@ def bench_case(args, world, stage: str, micro_batch: int | None, work: Path) -> 
         batches = [next(run.loader).to(runtime.device) for _ in range(args.batches)]
     finally:
         run.loader.close()
+    comp_run = None
+    if args.compile:
+        ccfg = dataclasses.replace(
+            cfg, parallel=dataclasses.replace(cfg.parallel, compile_blocks=True)
+        ).validate()
+        comp_run = _build_run(ccfg, world)
+        comp_run.loader.close()  # takes the same pre-built batches
     model, opt = build_plain(cfg, runtime)
     step = 0
 
@@ -263,17 +278,25 @@ def bench_case(args, world, stage: str, micro_batch: int | None, work: Path) -> 
         with cpu_compat.suspended():
             plain_step(model, opt, batches[step % len(batches)], cfg, runtime)
 
+    def compiled() -> None:
+        train_step(comp_run, batches[step % len(batches)], step)
+
+    compile_warmup = 0.0
     for _ in range(args.warmup):
         ours()
         plain()
+        if comp_run is not None:
+            compile_warmup += _timed(compiled, cuda)[0]
     syncs = count_step_syncs(lambda: train_step(run, batches[0], step + 1), run.optimizer)
     step += 1
     gflop_ours, gflop_plain = _counted_gflop(ours), _counted_gflop(plain)
     peak_ours, peak_plain = _peak_mb(ours, cuda), _peak_mb(plain, cuda)
-    t_ours, t_plain = [], []
-    for _ in range(args.rounds):  # interleaved: both see the same machine load
+    t_ours, t_plain, t_comp = [], [], []
+    for _ in range(args.rounds):  # interleaved: all see the same machine load
         t_ours.append(_timed(ours, cuda))
         t_plain.append(_timed(plain, cuda))
+        if comp_run is not None:
+            t_comp.append(_timed(compiled, cuda))
     sec, sec_plain = (statistics.median(w for w, _ in t) for t in (t_ours, t_plain))
     cpu, cpu_plain = (statistics.median(c for _, c in t) for t in (t_ours, t_plain))
 
@@ -315,6 +338,16 @@ def bench_case(args, world, stage: str, micro_batch: int | None, work: Path) -> 
         "short_len": b.short_tokens.shape[1],
         "rounds": args.rounds,
     }
+    if comp_run is not None:
+        sec_comp = statistics.median(w for w, _ in t_comp)
+        cpu_comp = statistics.median(c for _, c in t_comp)
+        record.update(
+            compiled_step_ms=round(1e3 * sec_comp, 2),
+            compiled_vs_eager=round(sec_comp / sec, 3),
+            compiled_vs_eager_cpu_time=round(cpu_comp / cpu, 3),
+            compile_warmup_s=round(compile_warmup, 1),
+            text_length_multiple=cfg.data.text_length_multiple,
+        )
     if syncs.count:
         record["host_sync_sites"] = sorted({site for _, site in syncs.events})
     return record
@@ -360,6 +393,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=4, help="distinct pre-built batches cycled")
     p.add_argument("--work", default=str(ROOT / "run/out/bench_step_work"))
     p.add_argument("--plot", action="store_true", help="write run/out/bench_step.png")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the step with parallel.compile_blocks")  # fmt: skip
     p.add_argument("overrides", nargs="*", help="config overrides key.sub=value")
     args = p.parse_args()
 
