@@ -181,8 +181,8 @@ class DataConfig:
     """FG-CLIP 2: local SigLIP 2 tokenizer.json (or its folder); v1 uses the built-in CLIP BPE."""
     max_patch_budget: int = 1024
     """FG-CLIP 2: largest NaFlex patch budget (128, 256, 576, 784 or 1024); larger images shrink."""
-    budget_patience: int = 1
-    """FG-CLIP 2: windows a patch-budget bucket holds a sample before merging it one budget up."""
+    budget_patience: int = 0
+    """FG-CLIP 2: windows a budget bucket holds a sample before merging it up; 0 = auto."""
 
 
 @dataclass
@@ -371,7 +371,7 @@ class Config:
         _require(d.storage_timeout_s > 0, "data.storage_timeout_s", "must be > 0")
         budgets = (128, 256, 576, 784, 1024)  # data.naflex.PATCH_BUDGETS (config is a leaf)
         _require(d.max_patch_budget in budgets, "data.max_patch_budget", f"one of {budgets}")
-        _require(d.budget_patience >= 1, "data.budget_patience", "must be >= 1")
+        _require(d.budget_patience >= 0, "data.budget_patience", "must be >= 0 (0 = auto)")
         loss = self.loss
         _require(loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
         for name in (

@@ -11,8 +11,8 @@ JSON line with, for both: `patches_per_sample` (what the vision tower processes)
 `patch_ratio` = ungrouped / grouped patches, and the grouper's `max_pending` samples and
 `max_wait_windows`.
 
-    .venv/bin/python run/bench_naflex_padding.py [--samples 20000] [--window 2048] \
-        [--patience 1 4]
+    .venv/bin/python run/bench_naflex_padding.py [--samples 60000] [--window 2048] \
+        [--patience 1 0]
 """
 
 from __future__ import annotations
@@ -110,18 +110,21 @@ def run(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--samples", type=int, default=20000)
+    ap.add_argument("--samples", type=int, default=60000)
     ap.add_argument("--window", type=int, default=2048, help="samples per shuffle window")
     ap.add_argument("--patch", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--patience", type=int, nargs="+", default=[1, 4], help="BudgetGrouper's")
+    auto = "0 = the loader's auto rule (data.budget_patience=0)"
+    ap.add_argument("--patience", type=int, nargs="+", default=[1, 0], help=auto)
     args = ap.parse_args()
     t0 = time.perf_counter()
     for name in ("loguniform_64_1024", "mostly_small"):
-        for micro, dp in ((32, 1), (32, 8), (64, 16)):
+        for micro, dp in ((32, 1), (32, 8), (64, 16), (64, 64)):
             for patience in args.patience:
+                auto = max(1, -(-8 * micro * dp // args.window))  # naflex_loader.auto_patience
                 row = run(name, args.samples, micro, dp, args.window, args.patch, args.seed,
-                          patience)  # fmt: skip
+                          patience or auto)  # fmt: skip
+                row["patience_auto"] = patience == 0
                 row["elapsed_s"] = round(time.perf_counter() - t0, 2)
                 print(json.dumps(row), flush=True)
 

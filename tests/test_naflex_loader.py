@@ -347,8 +347,8 @@ def test_bad_input_is_named(dataset, tmp_path):
         cfg.validate()
     for budget in PATCH_BUDGETS:  # the config's list is naflex.PATCH_BUDGETS
         Config(data=_cfg(root, max_patch_budget=budget)).validate()
-    cfg = Config(data=_cfg(root, budget_patience=0))
-    with pytest.raises(ConfigError, match="data.budget_patience: must be >= 1"):
+    cfg = Config(data=_cfg(root, budget_patience=-1))
+    with pytest.raises(ConfigError, match="data.budget_patience: must be >= 0"):
         cfg.validate()
     with _loader(dataset) as loader:
         state = loader.state_dict()
@@ -434,3 +434,10 @@ def test_dp2_spawned_ranks_gather_equal_shapes_and_resume(dataset):
         assert s0[0] == s1[0]  # one budget per step
     for r in ranks:
         assert r["resumed"] == [s for s, _ in r["batches"][cut : cut + 5]]
+
+
+def test_auto_patience_holds_about_eight_global_batches():
+    from fgclip_mega.data.naflex_loader import auto_patience
+
+    cfg = DataConfig(read_block_size=256, shuffle_window_blocks=8)  # 2048-sample windows
+    assert [auto_patience(g, cfg) for g in (32, 256, 1024, 4096)] == [1, 1, 4, 16]
