@@ -229,7 +229,6 @@ class NaFlexLoader:
         i = row - blk["start"]
         reader = self._reader(shard)
         o0, o1 = int(blk["image_offsets"][i]), int(blk["image_offsets"][i + 1])
-        jpeg = np.asarray(reader._a("image_bytes")[o0:o1]).tobytes()
         b0, b1 = (int(v) - blk["box_base"] for v in blk["box_offsets"][i : i + 2])
         m = min(b1 - b0, self.cfg.max_boxes)
         coins = region_coins(self.cfg.seed, epoch, np.array([sid]), self.cfg.max_boxes)[0]
@@ -241,7 +240,7 @@ class NaFlexLoader:
         k = self.cfg.num_hard_negatives
         return {
             "key": str(blk["keys"][i]),
-            "jpeg": jpeg,
+            "jpeg": (reader, o0, o1),  # read in the decode pool: reads overlap
             "where": f"{reader.path} row {row}",
             "caption": str(blk["captions"][i]),
             "short_caption": str(blk["short_captions"][i]),
@@ -256,7 +255,9 @@ class NaFlexLoader:
     def _decode(sample: dict) -> torch.Tensor:
         from PIL import Image
 
-        img = Image.open(io.BytesIO(sample["jpeg"])).convert("RGB")
+        reader, o0, o1 = sample["jpeg"]
+        jpeg = np.asarray(reader._a("image_bytes")[o0:o1]).tobytes()
+        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
     # ------------------------------------------------------------------ batches
