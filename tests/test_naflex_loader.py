@@ -361,6 +361,14 @@ def test_bad_input_is_named(dataset, tmp_path):
         with pytest.raises(NaFlexError, match=r"shard-000000.zarr row 1: image of 5x40 px"):
             for _ in range(2):
                 next(loader)
+    # A stored size that is not the JPEG's: the budget would be wrong, so it is an error.
+    liar = _sample(2, 40, 40)
+    liar.width = 200
+    write_shard(tmp_path / "shard-000000.zarr", [liar], K)
+    write_index(tmp_path, [{"path": "shard-000000.zarr", "num_samples": 1}], {})
+    with NaFlexLoader(_cfg(tmp_path, micro=1), tok, patch_size=P) as loader:
+        with pytest.raises(NaFlexError, match=r"row 0 \(img002.jpg\): the JPEG is 40x40 px, the"):
+            next(loader)
 
 
 def test_loader_batches_train_the_fgclip2_model(dataset, world):

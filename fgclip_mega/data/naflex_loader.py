@@ -242,6 +242,7 @@ class NaFlexLoader:
             "key": str(blk["keys"][i]),
             "jpeg": (reader, o0, o1),  # read in the decode pool: reads overlap
             "where": f"{reader.path} row {row}",
+            "size": tuple(int(v) for v in self._block("sizes", shard, row)["image_sizes"][i]),
             "caption": str(blk["captions"][i]),
             "short_caption": str(blk["short_captions"][i]),
             "boxes": np.asarray(blk["boxes"][b0 : b0 + m], np.float32).reshape(m, 4),
@@ -298,6 +299,13 @@ class NaFlexLoader:
         samples = [self._sample(sid, epoch) for sid, epoch, _ in items]
         images = list(self._pool.map(self._decode, samples))
         for s, img in zip(samples, images, strict=True):
+            if (img.shape[2], img.shape[1]) != s["size"]:
+                # The batch's budget was chosen from the stored size: a wrong one would
+                # silently shrink or upsample the image.
+                raise NaFlexError(
+                    f"{s['where']} ({s['key']}): the JPEG is {img.shape[2]}x{img.shape[1]} px, "
+                    f"the shard's image_sizes says {s['size'][0]}x{s['size'][1]}"
+                )
             if img.shape[1] < self.patch_size or img.shape[2] < self.patch_size:
                 raise NaFlexError(
                     f"{s['where']} ({s['key']}): image of {img.shape[2]}x{img.shape[1]} px is "
