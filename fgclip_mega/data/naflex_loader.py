@@ -8,8 +8,10 @@ image sizes; rank r takes slice r of each global batch. So all ranks agree on ev
 budget, every sample of an epoch is read once across ranks, and nothing stalls: the carry
 between windows is bounded (see budget_groups.py).
 
-Reading: every rank reads the (small) `image_sizes` rows of every window it groups; texts, boxes
-and JPEG bytes are read only for the blocks/samples of its own slice. Decoding is PIL (a thread
+Reading: every rank reads the (small) `image_sizes` rows of every window it groups; JPEG bytes
+(the bulk) only for its own samples; texts and boxes per read block holding one of its samples,
+which with DP ranks sharing each window is most blocks: DP x v1's reads of those (small) arrays,
+where v1's ranks read disjoint shard ranges. Decoding is PIL (a thread
 pool of data.num_threads); NaFlex resize/patchify is `naflex.pack_images` (equal to HF's
 Siglip2ImageProcessor); whole batches are assembled ahead in a background thread, up to
 data.prefetch_queue_depth. DALI NaFlex decoding is not implemented.
