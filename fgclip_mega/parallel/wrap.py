@@ -66,7 +66,9 @@ def compile_blocks(model: torch.nn.Module, cfg: Config) -> int:
     share one code object, hence one cache: its limit is raised to cover every shape, and
     exceeding it fails instead of silently running eagerly. Without grad (evaluation, with
     prompts of any length) a block runs eagerly. Activation checkpointing recomputes the
-    compiled block; tensor-parallel layers trace as they are (tested at TP=1)."""
+    compiled block. megatron's TP layers trace as they are: one graph per block at TP=1; at TP>=2
+    their collectives with async_op=True break each block into several graphs (still equal to
+    eager, tested at TP=2 with and without SP)."""
     from fgclip_mega.models.layers import Block
 
     blocks = [m for m in model.modules() if isinstance(m, Block)]
