@@ -377,11 +377,7 @@ def test_loader_batches_train_the_fgclip2_model(dataset, world):
     from fgclip_mega.models.fgclip2 import FGCLIP2Model
     from fgclip_mega.objective import Objective
     from fgclip_mega.objective.forward_fgclip2 import encode_naflex_batch
-
-    try:
-        from fgclip_mega.presets import fgclip2_tiny
-    except ImportError:  # the presets' move out of config.py is not committed yet
-        from fgclip_mega.config import fgclip2_tiny
+    from fgclip_mega.presets import fgclip2_tiny
 
     cfg = fgclip2_tiny()
     assert cfg.model.vision.patch_size == P
