@@ -33,7 +33,7 @@ def generate(args: argparse.Namespace) -> dict[str, int]:
     counts = {"train": args.num_train, "val": args.num_val, "test": args.num_test}
     sizes = None
     if args.sizes != "fixed":
-        from fgclip_mega.data.synthetic import MixedSizes
+        from fgclip_mega.data.shards import MixedSizes
 
         sizes = MixedSizes() if args.sizes == "mixed" else MixedSizes.gpu()
     t0 = time.time()
@@ -45,7 +45,7 @@ def generate(args: argparse.Namespace) -> dict[str, int]:
             sizes=sizes,
         )  # fmt: skip
     if args.tokenizer:
-        from fgclip_mega.data.synthetic_tokenizer import write_tokenizer
+        from fgclip_mega.data.shards import write_tokenizer
 
         print(f"[synthetic] tokenizer -> {write_tokenizer(args.out)}")
     dt = time.time() - t0

@@ -384,6 +384,8 @@ _BUILD_API = {
     "build_shards": "fgclip_mega.data.build",  # annotations + images -> shards
     "merge_parts": "fgclip_mega.data.merge",  # parts of a partitioned build -> one index
     "write_raw_split": "fgclip_mega.data.synthetic",  # synthetic annotations + images
+    "MixedSizes": "fgclip_mega.data.synthetic",  # their mixed sizes / aspect ratios (NaFlex)
+    "write_tokenizer": "fgclip_mega.data.synthetic_tokenizer",  # their FG-CLIP 2 tokenizer.json
 }
 
 
