@@ -205,6 +205,35 @@ def _listing(keys: list[str]) -> str:
     return f"{keys[:10]}{more}"
 
 
+def check_keys(
+    state: dict[str, torch.Tensor],
+    mapping: dict[str, tuple[str, ...]],
+    extras: set[str],
+    model: nn.Module,
+    family: str,
+) -> dict[str, nn.Parameter]:
+    """A checkpoint's keys against a key map: unexpected or missing keys, or some but not all of
+    the family's extras (only a checkpoint without any gets derived ones), raise naming them.
+    Returns the model's parameters by name (which the key map must cover exactly)."""
+    known = {k for keys in mapping.values() for k in keys}
+    unexpected = sorted(set(state) - known)
+    if unexpected:
+        raise CheckpointError(f"unexpected key(s) in checkpoint: {_listing(unexpected)}")
+    missing = sorted(known - extras - set(state))
+    if missing:
+        raise CheckpointError(f"missing key(s) in checkpoint: {_listing(missing)}")
+    present = extras & set(state)
+    if present and present != extras:
+        raise CheckpointError(
+            f"{family} checkpoint is incomplete: it has {_listing(sorted(present))} but lacks "
+            f"{_listing(sorted(extras - present))}; refusing to derive a mix"
+        )
+    params = dict(model.named_parameters())
+    if set(params) != set(mapping):
+        raise AssertionError(f"key map out of date: {sorted(set(params) ^ set(mapping))}")
+    return params
+
+
 @torch.no_grad()
 def import_hf_state_dict(
     model: nn.Module, source: str | Path | dict | nn.Module
@@ -221,24 +250,7 @@ def import_hf_state_dict(
             f"model {'has' if has_bias else 'has none'}: "
             + ("set model.logit_bias_init" if not has_bias else "unset model.logit_bias_init")
         )
-    known = {k for keys in mapping.values() for k in keys}
-    unexpected = sorted(set(state) - known)
-    if unexpected:
-        raise CheckpointError(f"unexpected key(s) in checkpoint: {_listing(unexpected)}")
-    extras = {hf for hf, _ in EXTRAS.values()}
-    missing = sorted(known - extras - set(state))
-    if missing:
-        raise CheckpointError(f"missing key(s) in checkpoint: {_listing(missing)}")
-    present = extras & set(state)
-    if present and present != extras:
-        # Only a plain CLIP checkpoint (no extras at all) gets derived ones.
-        raise CheckpointError(
-            f"FG-CLIP checkpoint is incomplete: it has {sorted(present)} but lacks "
-            f"{sorted(extras - present)}; refusing to derive a mix"
-        )
-    params = dict(model.named_parameters())
-    if set(params) != set(mapping):
-        raise AssertionError(f"key map out of date: {sorted(set(params) ^ set(mapping))}")
+    params = check_keys(state, mapping, {hf for hf, _ in EXTRAS.values()}, model, "FG-CLIP")
     rank, size = model.tp_group.rank(), model.tp_group.size()
     derived = []
     for name, param in params.items():

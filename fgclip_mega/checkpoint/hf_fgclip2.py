@@ -18,7 +18,7 @@ from torch import nn
 from fgclip_mega.checkpoint.errors import CheckpointError
 from fgclip_mega.checkpoint.hf import (
     _full_tensor,
-    _listing,
+    check_keys,
     full_shape,
     load_state_dict,
     shard,
@@ -111,23 +111,7 @@ def import_fgclip2_state_dict(
     each rank copies its slice. Missing, unexpected or misshapen keys raise naming them."""
     state = {k: v for k, v in load_state_dict(source).items() if not k.endswith("position_ids")}
     mapping = key_map(model.cfg)
-    known = {k for keys in mapping.values() for k in keys}
-    unexpected = sorted(set(state) - known)
-    if unexpected:
-        raise CheckpointError(f"unexpected key(s) in checkpoint: {_listing(unexpected)}")
-    extras = {hf for hf, _ in EXTRAS.values()}
-    missing = sorted(known - extras - set(state))
-    if missing:
-        raise CheckpointError(f"missing key(s) in checkpoint: {_listing(missing)}")
-    present = extras & set(state)
-    if present and present != extras:
-        raise CheckpointError(
-            f"FG-CLIP 2 checkpoint is incomplete: it has {_listing(sorted(present))} but lacks "
-            f"{_listing(sorted(extras - present))}; refusing to derive a mix"
-        )
-    params = dict(model.named_parameters())
-    if set(params) != set(mapping):
-        raise AssertionError(f"key map out of date: {sorted(set(params) ^ set(mapping))}")
+    params = check_keys(state, mapping, {hf for hf, _ in EXTRAS.values()}, model, "FG-CLIP 2")
     rank, size = model.tp_group.rank(), model.tp_group.size()
     derived = []
     for name, param in params.items():

@@ -19,16 +19,14 @@ from fgclip_mega.config import ModelConfig, ParallelConfig
 from fgclip_mega.models.attention import resolve_backend
 from fgclip_mega.models.layers import CheckpointPolicy, megatron_config, normal_init
 from fgclip_mega.models.regions import pool_regions
+from fgclip_mega.models.temperatures import Temperatures
 from fgclip_mega.models.text import TextTower
 from fgclip_mega.models.vision import VisionTower
 
 log = logging.getLogger(__name__)
 
 
-TEMPERATURES = ("logit_scale", "logit_scale_finegraind", "logit_scale_hardneg")
-
-
-class FGCLIPModel(nn.Module):
+class FGCLIPModel(Temperatures, nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -100,16 +98,8 @@ class FGCLIPModel(nn.Module):
         self.text_filip_projection = projection(cfg.text.width)  # long captions
         with torch.no_grad():
             self.text_filip_projection.weight.copy_(self.text_projection.weight)
-        # Temperatures stay fp32 whatever params_dtype is: megatron's mixed-precision optimizer
-        # then steps them in place (no bf16 copy), so clamping the model param clamps the
-        # optimizer's main param too.
-        scale = torch.tensor(cfg.logit_scale_init, dtype=torch.float32)
-        self.logit_scale = nn.Parameter(scale.clone())  # global image-text
-        self.logit_scale_finegraind = nn.Parameter(scale.clone())  # regions (FG-CLIP's spelling)
-        self.logit_scale_hardneg = nn.Parameter(scale.clone())  # hard negatives
-        self.logit_bias = None
-        if cfg.logit_bias_init is not None:  # SigLIP's learnable bias of the global logits
-            self.logit_bias = nn.Parameter(torch.tensor(cfg.logit_bias_init, dtype=torch.float32))
+        # fp32 whatever params_dtype is (models/temperatures.py); SigLIP's bias when configured.
+        self._init_temperatures(cfg.logit_scale_init, cfg.logit_bias_init)
         # As in CLIP: no weight decay on embeddings and position tables either (the optimizer in
         # fgclip_mega/parallel/wrap.py also skips every param of < 2 dims: norms, biases, scales).
         for p in (
@@ -122,12 +112,8 @@ class FGCLIPModel(nn.Module):
         ):
             p.no_weight_decay = True
         # Every weight in params_dtype (megatron's layers are built in it; norms, embeddings and
-        # the patch conv are cast here), except the fp32 temperatures: they get their fp32
-        # values back, since a round trip through bf16 would round them (2.6592 -> 2.65625).
-        exact = {name: p.detach().clone() for name, p in self.temperatures().items()}
-        self.to(device=device, dtype=params_dtype)
-        for name, p in self.temperatures().items():
-            p.data = exact[name].to(device=p.device)
+        # the patch conv are cast here), except the fp32 temperatures.
+        self._cast_keeping_temperatures(device, params_dtype)
 
     @classmethod
     def from_runtime(
@@ -144,20 +130,6 @@ class FGCLIPModel(nn.Module):
             attention_backend=runtime.attention,
             tp_group=tp_group,
         )
-
-    def temperatures(self) -> dict[str, nn.Parameter]:
-        """The learnable logit scales (log temperatures) and, when present, the SigLIP bias:
-        one group for the objective, clamping, logging and checkpoint extras."""
-        group = {name: getattr(self, name) for name in TEMPERATURES}
-        if self.logit_bias is not None:
-            group["logit_bias"] = self.logit_bias
-        return group
-
-    @torch.no_grad()
-    def clamp_temperatures(self, max_logit_scale: float) -> None:
-        """As in CLIP/open_clip: every log temperature in [0, max] after each update."""
-        for name in TEMPERATURES:
-            getattr(self, name).clamp_(0.0, max_logit_scale)
 
     # ------------------------------------------------------------------ forward pieces
 
@@ -211,14 +183,6 @@ class FGCLIPModel(nn.Module):
         return out
 
     # ------------------------------------------------------------------ training helpers
-
-    @torch.no_grad()
-    def init_stage2_scales(self, value: float | None = None) -> None:
-        """Start of stage 2: set the region and hard-negative temperatures to the global one's
-        current value (or to `value`, e.g. math.log(100))."""
-        v = self.logit_scale.detach().clone() if value is None else torch.tensor(value)
-        self.logit_scale_finegraind.copy_(v)
-        self.logit_scale_hardneg.copy_(v)
 
 
 def is_tp_sharded(param: nn.Parameter) -> bool:

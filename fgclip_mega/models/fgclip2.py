@@ -24,10 +24,10 @@ from fgclip_mega.models.layers import CheckpointPolicy, megatron_config
 from fgclip_mega.models.naflex import NaFlexVisionTower, grid_canvas, scale_rois
 from fgclip_mega.models.regions import pool_regions
 from fgclip_mega.models.siglip2_text import Siglip2TextTower
+from fgclip_mega.models.temperatures import Temperatures
 
 log = logging.getLogger(__name__)
 
-TEMPERATURES = ("logit_scale", "logit_scale_finegraind", "logit_scale_hardneg")
 TEXT_HEADS = {"short": "text_head", "long": "longtext_head", "box": "boxtext_head"}
 
 
@@ -39,7 +39,7 @@ class DenseGrid:
         self.canvas, self.factors = canvas, factors
 
 
-class FGCLIP2Model(nn.Module):
+class FGCLIP2Model(Temperatures, nn.Module):
     def __init__(
         self,
         cfg: ModelConfig,
@@ -92,12 +92,8 @@ class FGCLIP2Model(nn.Module):
         self.boxtext_head = nn.Linear(d, d)
         self.longtext_head.load_state_dict(self.text_head.state_dict())
         self.boxtext_head.load_state_dict(self.text_head.state_dict())
-        scale = torch.tensor(cfg.logit_scale_init, dtype=torch.float32)
-        self.logit_scale = nn.Parameter(scale.clone())
-        self.logit_scale_finegraind = nn.Parameter(scale.clone())
-        self.logit_scale_hardneg = nn.Parameter(scale.clone())
-        bias = -10.0 if cfg.logit_bias_init is None else cfg.logit_bias_init
-        self.logit_bias = nn.Parameter(torch.tensor(bias, dtype=torch.float32))
+        bias = -10.0 if cfg.logit_bias_init is None else cfg.logit_bias_init  # always SigLIP's
+        self._init_temperatures(cfg.logit_scale_init, bias)
         for p in (
             self.vision.position_embedding,
             self.text.position_embedding,
@@ -108,10 +104,7 @@ class FGCLIP2Model(nn.Module):
             self.vision.dense_head.probe,
         ):
             p.no_weight_decay = True
-        exact = {name: p.detach().clone() for name, p in self.temperatures().items()}
-        self.to(device=device, dtype=params_dtype)
-        for name, p in self.temperatures().items():
-            p.data = exact[name].to(device=p.device)
+        self._cast_keeping_temperatures(device, params_dtype)
 
     @classmethod
     def from_runtime(cls, cfg: ModelConfig, parallel: ParallelConfig, runtime, tp_group=None):
@@ -124,22 +117,6 @@ class FGCLIP2Model(nn.Module):
             attention_backend=runtime.attention,
             tp_group=tp_group,
         )
-
-    def temperatures(self) -> dict[str, nn.Parameter]:
-        group = {name: getattr(self, name) for name in TEMPERATURES}
-        group["logit_bias"] = self.logit_bias
-        return group
-
-    @torch.no_grad()
-    def clamp_temperatures(self, max_logit_scale: float) -> None:
-        for name in TEMPERATURES:
-            getattr(self, name).clamp_(0.0, max_logit_scale)
-
-    @torch.no_grad()
-    def init_stage2_scales(self, value: float | None = None) -> None:
-        v = self.logit_scale.detach().clone() if value is None else torch.tensor(value)
-        self.logit_scale_finegraind.copy_(v)
-        self.logit_scale_hardneg.copy_(v)
 
     # ------------------------------------------------------------------ forward pieces
 
