@@ -20,7 +20,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from fgclip_mega.config import VisionConfig
-from fgclip_mega.models.layers import ACTIVATIONS, CheckpointPolicy, Transformer
+from fgclip_mega.models.layers import ACTIVATIONS, CheckpointPolicy, Transformer, layer_norm
 
 
 class AttentionPoolingHead(nn.Module):
@@ -33,7 +33,7 @@ class AttentionPoolingHead(nn.Module):
         self.heads = heads
         self.probe = nn.Parameter(torch.randn(1, 1, width))
         self.attention = nn.MultiheadAttention(width, heads, batch_first=True)
-        self.layernorm = nn.LayerNorm(width, eps=eps)
+        self.layernorm = layer_norm(width, eps)  # keeps the weights' dtype under autocast
         self.fc1 = nn.Linear(width, mlp_width)
         self.fc2 = nn.Linear(mlp_width, width)
         self.act = ACTIVATIONS[activation]
@@ -107,7 +107,7 @@ class NaFlexVisionTower(nn.Module):
             checkpointing=checkpointing,
             activation=cfg.activation,
         )
-        self.post_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
+        self.post_norm = layer_norm(d, cfg.layer_norm_eps)
         args = (d, cfg.heads, cfg.mlp_width, cfg.layer_norm_eps, cfg.activation)
         self.head = AttentionPoolingHead(*args)
         self.dense_head = AttentionPoolingHead(*args)

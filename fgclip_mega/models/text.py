@@ -48,6 +48,9 @@ def _check_token_ids(tokens: torch.Tensor, vocab_size: int) -> None:
 
 
 class TextTower(nn.Module):
+    causal = True
+    """OpenAI CLIP's text transformer is causal (SigLIP's is not: siglip2_text.py)."""
+
     def __init__(
         self,
         cfg: TextConfig,
@@ -77,11 +80,12 @@ class TextTower(nn.Module):
             cfg.mlp_width,
             cfg.layers,
             cfg.layer_norm_eps,
-            causal=True,
+            causal=self.causal,
             config=config,
             tp_group=tp_group,
             backend=backend,
             checkpointing=checkpointing,
+            activation=cfg.activation,
         )
         self.final_norm = layer_norm(d, cfg.layer_norm_eps)
 
