@@ -3,8 +3,9 @@
 Eager autograd records quick_gelu(y + b) as four nodes and keeps two (N, B, F) tensors for
 backward: y + b and sigmoid(1.702 (y + b)). `BiasQuickGelu` keeps only the GEMM output y (and
 the bias) and recomputes the rest in backward, as megatron's fused bias-GELU does; its forward
-allocates two (N, B, F) tensors instead of four. Under torch.compile (`parallel.compile_blocks`)
-the plain expression is traced instead, and Inductor fuses it into the GEMM's neighbours.
+allocates two (N, B, F) tensors instead of four. On CUDA the same node runs as one Triton kernel
+each way (kernels/bias_act). Under torch.compile (`parallel.compile_blocks`) the plain expression
+is traced instead, and Inductor fuses it into the GEMM's neighbours.
 megatron's own `bias_gelu_impl` is the tanh GELU (SigLIP's, not CLIP's quick GELU) and needs its
 jit fuser (torch.compile) to fuse anything, so it is not used here.
 """
@@ -45,9 +46,24 @@ class BiasQuickGelu(torch.autograd.Function):
         return dx.to(y.dtype), dbias.to(bias.dtype)
 
 
+def _on_cuda(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def triton_bias_quick_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    from kernels.bias_act import bias_quick_gelu as kernel
+
+    return kernel(y, bias)
+
+
 def bias_quick_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The one dispatch: traced math under torch.compile (Inductor fuses it), the Triton kernel
+    for CUDA tensors (one kernel forward, one backward + the bias row sum), else the torch
+    autograd node (the CPU path)."""
     if torch.compiler.is_compiling():
         return quick_gelu(y + bias)
+    if _on_cuda(y):
+        return triton_bias_quick_gelu(y, bias)
     return BiasQuickGelu.apply(y, bias)
 
 
