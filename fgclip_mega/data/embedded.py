@@ -27,6 +27,28 @@ def synthetic_image_shape(image_size: int) -> tuple[int, int]:
     return round(height * 4 / 3), height
 
 
+def build_fresh_shards(
+    jsonl: Path, raw: Path, out: Path, shard_size: int, num_negatives: int, meta: dict
+) -> dict:
+    """Generated records -> shards in `out`, rebuilt from scratch (other generation parameters
+    changed the images, not only the records); an invalid record is an error, since generated
+    data is valid by construction. Returns build_shards' report."""
+    shutil.rmtree(out, ignore_errors=True)
+    report = build_shards(
+        str(jsonl),
+        str(raw / "images"),
+        str(out),
+        shard_size=shard_size,
+        num_negatives=num_negatives,
+        progress=False,
+        index_meta=meta,
+    )
+    if report["problems"]:
+        first = report["problems"][0]
+        raise RuntimeError(f"synthetic record {first['source']} is invalid: {first['reason']}")
+    return report
+
+
 def ensure_synthetic_shards(
     directory: str | Path,
     num_samples: int = 256,
@@ -62,20 +84,9 @@ def ensure_synthetic_shards(
             raw, "train", num_samples, seed, width, height, train_size=image_size
         )
         out = directory / "shards"
-        # Other generation parameters: start from scratch (the images changed, not only records).
-        shutil.rmtree(out, ignore_errors=True)
-        report = build_shards(
-            str(jsonl),
-            str(raw / "images"),
-            str(out),
-            shard_size=shard_size,
-            num_negatives=num_negatives,
-            progress=False,
-            index_meta={"synthetic": params},
+        report = build_fresh_shards(
+            jsonl, raw, out, shard_size, num_negatives, {"synthetic": params}
         )
-        if report["problems"]:  # generated data is valid by construction
-            first = report["problems"][0]
-            raise RuntimeError(f"synthetic record {first['source']} is invalid: {first['reason']}")
         log.info(
             "built %d synthetic samples (%dx%d) in %s at %s in %.1f s",
             num_samples, width, height, report["samples"], out, time.time() - t0,

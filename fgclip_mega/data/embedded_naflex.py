@@ -13,11 +13,10 @@ import dataclasses
 import fcntl
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 
-from fgclip_mega.data.build import build_shards
+from fgclip_mega.data.embedded import build_fresh_shards
 from fgclip_mega.data.shards import INDEX_NAME
 from fgclip_mega.data.synthetic import (
     GENERATOR_VERSION,
@@ -66,19 +65,8 @@ def ensure_synthetic_naflex_shards(
         raw = directory / "raw"
         jsonl = write_raw_split(raw, split, num_samples, seed, sizes=sizes)
         out = directory / "shards"
-        shutil.rmtree(out, ignore_errors=True)  # other parameters: other images
-        report = build_shards(
-            str(jsonl),
-            str(raw / "images"),
-            str(out),
-            shard_size=shard_size,
-            num_negatives=num_negatives,
-            progress=False,
-            index_meta={"synthetic_naflex": params},
-        )
-        if report["problems"]:  # generated data is valid by construction
-            first = report["problems"][0]
-            raise RuntimeError(f"synthetic record {first['source']} is invalid: {first['reason']}")
+        meta = {"synthetic_naflex": params}
+        report = build_fresh_shards(jsonl, raw, out, shard_size, num_negatives, meta)
         write_tokenizer(tokenizer.parent)
         log.info(
             "built %d mixed-size synthetic samples (%s) in %s at %s in %.1f s",
