@@ -2,8 +2,8 @@
 a YAML file, then `key.sub=value` CLI pairs, validated at the end.
 
 FG-CLIP (OpenAI-CLIP towers): `fgclip_vit_b16`, `fgclip_vit_l14_336` and the CPU-sized `tiny`.
-FG-CLIP 2 (SigLIP 2 NaFlex towers): `fgclip2_base_naflex`, `fgclip2_so400m_naflex` and
-`fgclip2_tiny`, not registered in PRESETS while the trainer has no NaFlex path.
+FG-CLIP 2 (SigLIP 2 NaFlex towers): `fgclip2_base_naflex`, `fgclip2_so400m_naflex` and the
+CPU-sized `fgclip2_tiny` (model.family=fgclip2: fgclip_mega/family.py).
 """
 
 from __future__ import annotations
@@ -123,10 +123,20 @@ def fgclip2_tiny() -> Config:
     )
     cfg.model.text = TextConfig(vocab_size=1024, width=64, layers=2, heads=4, mlp_width=256)
     cfg.model.projection_dim = 64
+    # The embedded mixed-size synthetic scenes (data.synthetic.MixedSizes) span budgets 128/256
+    # at 8-px patches; their own tokenizer.json is used when data.tokenizer is empty.
+    cfg.data.max_patch_budget = 256
     return _fgclip2(cfg)
 
 
-PRESETS = {"fgclip_vit_b16": fgclip_vit_b16, "fgclip_vit_l14_336": fgclip_vit_l14_336, "tiny": tiny}
+PRESETS = {
+    "fgclip_vit_b16": fgclip_vit_b16,
+    "fgclip_vit_l14_336": fgclip_vit_l14_336,
+    "tiny": tiny,
+    "fgclip2_base_naflex": fgclip2_base_naflex,
+    "fgclip2_so400m_naflex": fgclip2_so400m_naflex,
+    "fgclip2_tiny": fgclip2_tiny,
+}
 
 
 def preset(name: str) -> Config:

@@ -5,6 +5,7 @@ accumulation continues exactly."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -219,7 +220,7 @@ def test_objective_sees_the_whole_batch_once(world, tmp_path):
     run.loader.close()
 
 
-def test_reforward_replays_the_random_draws_of_the_cached_forward(world, tmp_path, monkeypatch):
+def test_reforward_replays_the_random_draws_of_the_cached_forward(world, tmp_path):
     """A forward that draws random numbers (as dropout would) gets the gradient of one forward
     over both micro-batches with the same draws: the re-forward restores each micro-batch's RNG
     state, and the generator ends where that forward leaves it."""
@@ -232,10 +233,10 @@ def test_reforward_replays_the_random_draws_of_the_cached_forward(world, tmp_pat
         emb.image = emb.image * (1 + 0.5 * torch.randn_like(emb.image))
         return emb
 
-    monkeypatch.setattr(accumulate, "encode_batch", noisy_encode)
     cfg = tiny_run_config(tmp_path, "regional")
     cfg.train.global_batch_size = 8
     run = build_run(world, cfg)
+    run.family = dataclasses.replace(run.family, encode=noisy_encode)
     batches = [next(run.loader) for _ in range(2)]
     params = dict(run.model.named_parameters())
 

@@ -64,7 +64,12 @@ def test_presets_match_the_published_architectures():
         0.1,
         0.5,
     )
-    assert set(PRESETS) == {"fgclip_vit_b16", "fgclip_vit_l14_336", "tiny"}
+    assert set(PRESETS) == {
+        "fgclip_vit_b16", "fgclip_vit_l14_336", "tiny",
+        "fgclip2_base_naflex", "fgclip2_so400m_naflex", "fgclip2_tiny",
+    }  # fmt: skip
+    for name, make in PRESETS.items():
+        assert (make().model.family == "fgclip2") == name.startswith("fgclip2_"), name
 
 
 def test_yaml_then_cli_overrides(tmp_path):

@@ -193,8 +193,13 @@ class Checkpointer:
             raise CheckpointError(f"writing a checkpoint under {self.root} failed: {failed}")
         _barrier()
 
-    def save(self, step: int, model, optimizer, scheduler, loader, config: dict, ddp=None) -> Path:
-        """Collective. Returns the final directory (complete once the write finishes)."""
+    def save(
+        self, step: int, model, optimizer, scheduler, loader, config: dict, ddp=None,
+        objective=None,
+    ) -> Path:  # fmt: skip
+        """Collective. Returns the final directory (complete once the write finishes).
+        `objective`: its running state (FG-CLIP 2's CMR margin, the same on every rank) is
+        saved with the loader's."""
         t0 = time.perf_counter()
         self.wait()
         st = self.state
@@ -205,8 +210,11 @@ class Checkpointer:
             # The all-gather of other DP ranks' updated ranges runs in the next forward, so the
             # params are stale now; the gathered main params cast to the param dtype are what
             # that all-gather will deliver (megatron copies main -> param buffer the same way).
+            # Frozen parameters (family.freeze_unused) have no main copy: they are as they are.
+            trained = {n for n, p in model.named_parameters() if p.requires_grad}
             for name, t in model_state.items():
-                model_state[name] = optim_state["tensors"][name]["param"].to(t.dtype)
+                if name in trained:
+                    model_state[name] = optim_state["tensors"][name]["param"].to(t.dtype)
         rngs = [None] * st.world_size
         if dist.is_initialized() and st.world_size > 1:
             dist.all_gather_object(rngs, rng_state())
@@ -217,6 +225,8 @@ class Checkpointer:
             "loader": loader.state_dict(),
             "rng": rngs,
         }
+        if objective is not None and objective.state:
+            train_state["objective"] = {k: v.detach().cpu() for k, v in objective.state.items()}
         stall = time.perf_counter() - t0
         self.stalls.append(stall)
         final = self.root / f"step_{step:08d}"
@@ -287,7 +297,9 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------- loading
 
-    def load(self, path: Path, model, optimizer, scheduler, loader) -> tuple[int, dict]:
+    def load(
+        self, path: Path, model, optimizer, scheduler, loader, objective=None
+    ) -> tuple[int, dict]:
         """Collective. Restores everything `save` wrote at this run's layout; returns (step,
         the saved config). Every file is verified against the manifest first."""
         path = Path(path)
@@ -316,6 +328,10 @@ class Checkpointer:
             loader.load_state_dict(train_state["loader"])
         except ValueError as e:
             raise CheckpointError(f"{path / 'train.pt'}: loader state: {e}") from None
+        if objective is not None:
+            device = next(model.parameters()).device
+            for key, value in train_state.get("objective", {}).items():
+                objective.state[key] = value.to(device)
         saved = Layout(**meta["layout"])
         if saved == layout_of(st):
             load_rng_state(train_state["rng"][st.rank])

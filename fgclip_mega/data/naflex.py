@@ -7,11 +7,13 @@ are flattened in (row, col) order, each patch as (py, px, channel), and padded t
 a validity mask. A batch shares one budget: upstream's collator (`train_fgclip2.py`,
 `determine_max_value`) takes the smallest allowed budget that holds the batch's largest native
 grid (w // 16) * (h // 16), capped at the run's maximum. Everything here is host-side geometry
-or torch ops on CPU tensors: no device value is read back.
+or torch ops on the images' device (CPU, or CUDA after nvJPEG decoding): no device value is
+read back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -93,16 +95,22 @@ def pack_images(
     antialias: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 images (C, H, W) of any sizes -> pixel_values (B, budget, p*p*C) fp32 normalised,
-    valid mask (B, budget) bool, grids (B, 2) int64 (gh, gw), all on the CPU.
+    valid mask (B, budget) bool, both on the images' device, and grids (B, 2) int64 (gh, gw) on
+    the CPU (host geometry: nothing is read back from a device).
 
     Resize is bilinear with antialiasing on the uint8 image, as HF's torchvision backend does;
-    pixels are then rescaled to [0, 1] and normalised with `mean`/`std`."""
-    pixels = torch.zeros(len(images), budget, patch_size * patch_size * 3)
-    valid = torch.zeros(len(images), budget, dtype=torch.bool)
+    pixels are then rescaled to [0, 1] and normalised with `mean`/`std`. On CPU tensors this is
+    HF's CPU result bit for bit; on CUDA tensors torchvision resizes in float (its uint8 kernel
+    is CPU-only), as HF's processor does on CUDA."""
+    device = images[0].device if len(images) else torch.device("cpu")
+    pixels = torch.zeros(len(images), budget, patch_size * patch_size * 3, device=device)
+    valid = torch.zeros(len(images), budget, dtype=torch.bool, device=device)
     grids = torch.zeros(len(images), 2, dtype=torch.int64)
     for i, image in enumerate(images):
         if image.dim() != 3 or image.shape[0] != 3:
             raise NaFlexError(f"image {i}: expected (3, H, W), got {tuple(image.shape)}")
+        if image.device != device:
+            raise NaFlexError(f"image {i} is on {image.device}, image 0 on {device}")
         h, w = image.shape[1:]
         native_patches(h, w, patch_size)
         gh, gw = grid_for_budget(h, w, patch_size, budget)
@@ -143,3 +151,22 @@ class NaFlexBatch:
     """(H, 1+K, 64) int64: the box's phrase, then its K negatives."""
     hardneg_valid: torch.Tensor | None = None
     """(H, K) bool real negatives (None = all)."""
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> NaFlexBatch:
+        """The tensors on `device` (pinned first for an overlapped copy to CUDA); host-side
+        fields (grids, sample ids, keys) stay as they are. Keeps the subclass."""
+        device = torch.device(device)
+        pin = non_blocking and device.type == "cuda"
+        moved = {}
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name.startswith("sample_") or not isinstance(v, torch.Tensor):
+                continue
+            if v.device != device:
+                if pin and v.device.type == "cpu" and not v.is_pinned():
+                    v = v.pin_memory()
+                moved[f.name] = v.to(device, non_blocking=non_blocking)
+        return dataclasses.replace(self, **moved) if moved else self
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from fgclip_mega.objective import encode_batch
+from fgclip_mega.family import family_of_model
 
 _MAX_SLOTS = 1 << 20  # boxes per image are far fewer: (sample, slot) -> one int64 key
 
@@ -149,13 +149,14 @@ def collect(model, loader, num_batches: int, dp_group=None, runtime=None) -> Eva
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    encode = family_of_model(model).encode
     records = []
     try:
         for _ in range(num_batches):
             batch = next(loader).to(device)
             ctx = runtime.autocast() if runtime is not None else contextlib.nullcontext()
             with ctx:
-                emb = encode_batch(model, batch, True)
+                emb = encode(model, batch, True)
             records.append(_batch_records(batch, emb))
     finally:
         model.train(was_training)

@@ -36,14 +36,20 @@ _log = logging.getLogger(__name__)
 def build_parallel_model(cfg: Config, state) -> tuple[FGCLIPModel, DistributedDataParallel]:
     """Where the model is parallelised, in one visible step: tensor-parallel layers (and
     sequence parallelism) over `state.tp_group` from `parallel.*`, activation checkpointing per
-    its policy, then megatron DDP over the data-parallel group. Seed the global RNG identically
-    on every rank first: replicated weights must match over TP."""
-    from fgclip_mega.models import FGCLIPModel
+    its policy, the parameters this stage never trains frozen (family.freeze_unused), then
+    megatron DDP over the data-parallel group. Seed the global RNG identically on every rank
+    first: replicated weights must match over TP."""
+    from fgclip_mega.family import family, freeze_unused
 
     runtime = state.runtime
-    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, runtime, tp_group=state.tp_group)
+    model_class = family(cfg).model_class()
+    model = model_class.from_runtime(cfg.model, cfg.parallel, runtime, tp_group=state.tp_group)
     if cfg.checkpoint.init_from:
         init_weights(model, cfg)
+    frozen = freeze_unused(model, cfg)
+    if frozen:
+        groups = sorted({n if n.endswith("probe") else n.rsplit(".", 1)[0] for n in frozen})
+        _log.info("stage %s does not train (frozen): %s", cfg.train.stage, ", ".join(groups))
     if cfg.parallel.compile_blocks:
         compile_blocks(model, cfg)
     return model, wrap_data_parallel(model, cfg.parallel, runtime)
@@ -102,8 +108,8 @@ def _compiled_forward(eager):
 
 def init_weights(model: FGCLIPModel, cfg: Config) -> None:
     """`checkpoint.init_from`: another training run's checkpoint (weights only: a fresh optimizer
-    and schedule, as FG-CLIP's stage 2 starts from stage 1) or HF CLIPModel / FG-CLIP weights."""
-    from fgclip_mega.checkpoint import import_hf_state_dict
+    and schedule, as FG-CLIP's stage 2 starts from stage 1) or HF weights of the model's family
+    (CLIPModel / FG-CLIP; Siglip2Model / FG-CLIP 2)."""
     from fgclip_mega.checkpoint.weights import (
         load_training_weights,
         saved_config,
@@ -113,7 +119,9 @@ def init_weights(model: FGCLIPModel, cfg: Config) -> None:
     path = cfg.checkpoint.init_from
     step_dir = training_checkpoint(path)
     if step_dir is None:
-        report = import_hf_state_dict(model, path)
+        from fgclip_mega.family import family
+
+        report = family(cfg).import_weights(model, path)
         _log.info("initialised from %s (derived: %s)", path, report["derived"])
         return
     info = load_training_weights(model, step_dir)

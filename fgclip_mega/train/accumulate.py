@@ -25,7 +25,7 @@ from dataclasses import fields
 
 import torch
 
-from fgclip_mega.objective import Embeddings, ObjectiveOutput, encode_batch
+from fgclip_mega.objective import Embeddings, ObjectiveOutput
 
 
 def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -81,7 +81,7 @@ def accumulated_backward(run, batches: list, upcast: bool, finish=None) -> Objec
         for batch in batches:
             states.append(_rng_state(device))
             with torch.no_grad(), run.runtime.autocast():
-                cached.append(encode_batch(model, batch, run.regional))
+                cached.append(run.encode(batch))
         after = _rng_state(device)
         emb = concat_embeddings(cached)
         if upcast:
@@ -109,7 +109,7 @@ def accumulated_backward(run, batches: list, upcast: bool, finish=None) -> Objec
             with contextlib.nullcontext() if last else ddp.no_sync():
                 _set_rng_state(states[i], device)
                 with run.runtime.autocast():
-                    part = encode_batch(model, batch, run.regional)
+                    part = run.encode(batch)
                 if upcast:
                     part = part.float()
                 roots, root_grads = [], []

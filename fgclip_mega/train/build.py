@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from fgclip_mega.config import Config
-from fgclip_mega.data import build_config_loader
+from fgclip_mega.family import Family, family
 from fgclip_mega.objective import Objective
 from fgclip_mega.parallel import ParallelState
 from fgclip_mega.parallel.wrap import build_optimizer, build_parallel_model
@@ -30,7 +30,7 @@ class TrainingRun:
     runtime: Runtime
     """Device, dtypes and kernels."""
     model: torch.nn.Module
-    """The FGCLIPModel (this rank's TP shard)."""
+    """The FGCLIPModel or FGCLIP2Model (this rank's TP shard)."""
     ddp: torch.nn.Module
     """megatron DDP around the model."""
     optimizer: object
@@ -45,6 +45,12 @@ class TrainingRun:
     """Per-phase times."""
     accumulation: int = 1
     """Micro-batches per rank per optimizer step (train/batching.py)."""
+    family: Family | None = None
+    """The model family's model, loader, forward and weight importer (fgclip_mega/family.py)."""
+
+    def encode(self, batch):
+        """The family's forward of one micro-batch to its Embeddings."""
+        return self.family.encode(self.model, batch, self.regional)
 
     @property
     def regional(self) -> bool:
@@ -76,7 +82,8 @@ def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
     optimizer, scheduler = build_optimizer(
         ddp, cfg.optim, cfg.parallel, runtime, total_steps=cfg.train.steps
     )
-    loader = build_config_loader(cfg, state.dp_rank, state.dp_size, runtime.device)
+    fam = family(cfg)
+    loader = fam.build_loader(cfg, state.dp_rank, state.dp_size, runtime.device)
     objective = Objective(
         cfg.loss,
         regional=cfg.train.stage == "regional",
@@ -85,5 +92,5 @@ def build_training_run(cfg: Config, state: ParallelState) -> TrainingRun:
     )
     return TrainingRun(
         cfg, state, runtime, model, ddp, optimizer, scheduler, loader, objective,
-        PhaseTimer(runtime.device), plan.accumulation,
+        PhaseTimer(runtime.device), plan.accumulation, fam,
     )  # fmt: skip

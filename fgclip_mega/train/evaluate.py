@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from fgclip_mega.data import build_config_loader
 from fgclip_mega.eval import evaluate, flat, summary_of
+from fgclip_mega.family import family
 
 
 def eval_data_config(run):
@@ -26,7 +26,7 @@ def eval_data_config(run):
 def evaluate_during_training(run, at_step: int, metrics) -> dict[str, float]:
     cfg, state = run.cfg, run.state
     data = eval_data_config(run)
-    loader = build_config_loader(cfg, state.dp_rank, state.dp_size, run.runtime.device, data)
+    loader = family(cfg).build_loader(cfg, state.dp_rank, state.dp_size, run.runtime.device, data)
     try:
         # One pass at most: the loader is endless and would repeat samples.
         per_pass = loader.shards.num_samples // (data.micro_batch_size * state.dp_size)

@@ -73,7 +73,9 @@ def resume(run: TrainingRun) -> int:
     if path is None:
         return 0
     saver = ckpt.checkpointer(root, run.state, cfg.checkpoint)
-    step, saved_cfg = saver.load(path, run.model, run.optimizer, run.scheduler, run.loader)
+    step, saved_cfg = saver.load(
+        path, run.model, run.optimizer, run.scheduler, run.loader, run.objective
+    )
     apply_optimizer_hyperparams(run.optimizer, cfg.optim)
     saved_cfg = saved_cfg or {}
     # What the config now sets differently from the checkpoint: every optimizer field and the
@@ -130,8 +132,9 @@ def run_training(run: TrainingRun) -> TrainResult:
         # Waits only for the copy to CPU memory; the files are written in the background.
         saver = ckpt.checkpointer(run.output_dir / "checkpoints", state, cfg.checkpoint)
         path = saver.save(
-            at_step, run.model, run.optimizer, run.scheduler, run.loader, cfg.to_dict(), run.ddp
-        )
+            at_step, run.model, run.optimizer, run.scheduler, run.loader, cfg.to_dict(), run.ddp,
+            run.objective,
+        )  # fmt: skip
         if saver.stalls:  # logged with the next record
             stalls["checkpoint_stall_s"] = saver.stalls[-1]
         return str(path)

@@ -14,7 +14,6 @@ import torch
 from megatron.core.distributed import finalize_model_grads
 
 from fgclip_mega.losses.dispatch import upcast_loss_inputs
-from fgclip_mega.objective import encode_batch
 from fgclip_mega.train.accumulate import accumulated_backward
 
 
@@ -60,7 +59,7 @@ def train_step(run, batch, step: int) -> StepOutput:
     else:
         with timer.phase("forward"):
             with run.runtime.autocast():
-                emb = encode_batch(model, batches[0], run.regional)
+                emb = run.encode(batches[0])
             if upcast:
                 emb = emb.float()
             # Outside autocast: the contrastive products must not be recast to bf16.
