@@ -102,3 +102,21 @@ def test_broken_flash_install_is_not_selected(monkeypatch):
             resolve_backend("flash", torch.device("cuda"), torch.bfloat16)
     finally:
         attn.flash_attn_status.cache_clear()
+
+
+def test_masked_sdpa_on_cuda_may_not_fall_back_to_the_math_kernel():
+    """NaFlex padding masks on CUDA: only SDPA's memory-efficient and cuDNN kernels are allowed
+    (the math kernel would be a silent O(N^2)-memory fall-back); CPU and unmasked calls keep
+    SDPA's own choice. The CUDA case is imitated: the backend flags are host state."""
+    from fgclip_mega.models.attention import masked_sdpa_backends
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    with masked_sdpa_backends(cuda, masked=True):
+        assert not torch.backends.cuda.math_sdp_enabled()
+        assert not torch.backends.cuda.flash_sdp_enabled()
+        assert torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+    assert torch.backends.cuda.math_sdp_enabled()
+    for device, masked in ((cuda, False), (cpu, True)):
+        with masked_sdpa_backends(device, masked):
+            assert torch.backends.cuda.math_sdp_enabled()

@@ -7,6 +7,7 @@ the towers pass strided views with unit last-dim stride, so no backend copies it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -31,6 +32,18 @@ def flash_attn_status() -> tuple[bool, str]:
     except Exception as e:  # noqa: BLE001 - a broken build is reported, not raised
         return False, f"import failed: {type(e).__name__}: {e}"
     return True, str(getattr(flash_attn, "__version__", "installed"))
+
+
+def masked_sdpa_backends(device: torch.device, masked: bool):
+    """With a padding mask on CUDA, SDPA may take only its memory-efficient or cuDNN kernel: its
+    flash kernel takes no mask, and a silent fall-back to the math kernel (O(N^2) memory per head
+    in the activation dtype) is what NaFlex batches must not get; an unsupported case is then an
+    error. Elsewhere (CPU, no mask) SDPA chooses as it always does."""
+    if not masked or device.type != "cuda":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION])
 
 
 def flash_attn_installed() -> bool:
@@ -104,12 +117,13 @@ def attention(
         return flash_attention(q, k, v, causal)
     if backend in ("flash", "sdpa"):
         mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            k.transpose(1, 2),
-            v.transpose(1, 2),
-            attn_mask=mask,
-            is_causal=causal,
-        )  # (B, H, N, hd)
+        with masked_sdpa_backends(q.device, mask is not None):
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                k.transpose(1, 2),
+                v.transpose(1, 2),
+                attn_mask=mask,
+                is_causal=causal,
+            )  # (B, H, N, hd)
         return out.transpose(1, 2)
     return math_attention(q, k, v, causal, key_padding_mask).to(q.dtype)
