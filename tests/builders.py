@@ -228,6 +228,24 @@ def tiny_run_config(tmp: Path, stage: str, dtype: str = "fp32"):
     return cfg.validate()
 
 
+def tiny_fgclip2_run_config(tmp: Path, stage: str, dtype: str = "fp32"):
+    """fgclip2_tiny cut to one layer per tower, micro-batch 4 and 16 mixed-size synthetic scenes
+    (with their own tokenizer.json): a FG-CLIP 2 TrainingRun that builds and steps in seconds."""
+    from fgclip_mega.presets import fgclip2_tiny
+
+    cfg = fgclip2_tiny()
+    cfg.model.vision.layers = 1
+    cfg.model.text.layers = 1
+    cfg.precision.params_dtype = cfg.precision.compute_dtype = dtype
+    cfg.data.micro_batch_size = 4
+    cfg.data.synthetic_num_samples = 16
+    cfg.data.synthetic_dir = str(tmp / "data_fgclip2")
+    cfg.train.stage = stage
+    cfg.train.output_dir = str(tmp / f"run_fgclip2_{stage}_{dtype}")
+    cfg.train.eval_batches = 0
+    return cfg.validate()
+
+
 def build_run(world, cfg):
     """A TrainingRun in this process on the `world` fixture's groups, with cfg's runtime."""
     from fgclip_mega.runtime import resolve_runtime

@@ -14,6 +14,7 @@ Also here: CUDA_DEVICE_MAX_CONNECTIONS=1 under TP, set before CUDA initialises.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 from fgclip_mega.profiling import host_syncs as bench
-from tests.builders import build_run, tiny_run_config
+from tests.builders import build_run, tiny_fgclip2_run_config, tiny_run_config
 from tests.distributed import run_distributed
 
 BUDGET = {"global": 1, "regional": 1}
@@ -186,13 +187,29 @@ def test_train_step_stays_within_its_host_sync_budget(runs, stage):
     assert any(why.endswith("_check_token_ids") for _, why in counter.exempt)
 
 
+def test_fgclip2_train_step_stays_within_the_same_budget(world, tmp_path):
+    """FG-CLIP 2's step (NaFlex batch: host-int grids, RoIAlign on each image's own grid, the
+    CMR margin kept on the device) has the same single sync as v1's."""
+    for stage in BUDGET:
+        run = build_run(world, tiny_fgclip2_run_config(tmp_path, stage))
+        try:
+            batch = next(run.loader).to(world.device)
+        finally:
+            run.loader.close()
+        from fgclip_mega.train.step import train_step
+
+        train_step(run, batch, 1)
+        counter = _count(run, batch, 2)
+        assert [site.split(":")[0] for _, site in counter.events] == [
+            "megatron/core/optimizer/clip_grads.py"
+        ], (stage, _describe(counter))
+
+
 @pytest.mark.parametrize("stage", list(BUDGET))
 @pytest.mark.parametrize("kind", ["item", "host->device"])
 def test_budget_catches_a_sync_added_to_the_step(runs, stage, kind, monkeypatch):
-    from fgclip_mega.train import step as step_module
-
     run, batch = runs[stage]
-    original = step_module.encode_batch
+    original = run.family.encode
 
     def with_sync(model, b, regional):
         emb = original(model, b, regional)
@@ -202,7 +219,7 @@ def test_budget_catches_a_sync_added_to_the_step(runs, stage, kind, monkeypatch)
             emb.image * torch.tensor([0.5], device=emb.image.device)
         return emb
 
-    monkeypatch.setattr(step_module, "encode_batch", with_sync)
+    monkeypatch.setattr(run, "family", dataclasses.replace(run.family, encode=with_sync))
     counter = _count(run, batch, 3)
     assert counter.count == 2, _describe(counter)
     (added,) = [op for op, site in counter.events if "with_sync" in site]
