@@ -193,6 +193,86 @@ def write_fgovd(root: Path, images: dict[str, Path]) -> Path:
     return root / "fgovd"
 
 
+def _fgovd_category(data: dict, caption: str) -> int:
+    """A new FG-OVD category (one per caption, as in the real files) -> its id."""
+    cid = len(data["categories"]) + 1
+    data["categories"].append({
+        "name": caption, "id": cid, "synset": "", "synonyms": [], "def": "", "frequency": "f",
+        "instance_count": 1, "image_count": 1,
+    })  # fmt: skip
+    return cid
+
+
+def write_fgovd_original(root: Path, images: dict[str, Path]) -> dict[str, Path]:
+    """FG-OVD as distributed (lorebianchi98/FG-OVD benchmarks/1_attributes.json = hard,
+    2_attributes.json = medium: LVIS-style images / annotations with neg_category_ids /
+    categories whose names are the captions) over root/val2017/*.jpg, plus the JSONL that
+    FG-CLIP's data/fgovd/ conversion makes of the same files ("." appended to a caption not
+    ending in one, annotations in file order). Captions end in ".", nothing or ". " (all three
+    occur in the real files). Hard holds an item with 3 negatives, one with none and one box
+    leaving the image. Returns {"json": dir, "jsonl": dir}."""
+    from PIL import Image
+
+    val = root / "val2017"
+    val.mkdir(parents=True, exist_ok=True)
+    boxes = {
+        "chelsea": [(120.5, 30.25, 200, 220.75, "ginger", "cat"), (0, 0, 100, 80, "grey", "wall")],
+        "coffee": [(150, 60, 300, 250, "white", "cup"), (400.4, 250, 190, 140, "red", "table")],
+        "scene0": [(10, 20, 60, 60, "red", "square"), (90, 30, 60, 60, "blue", "circle")],
+        "rocket": [(250, 80, 120, 300, "white", "rocket")],
+        "astronaut": [(100, 50, 200, 250, "white", "suit"), (350, 0, 160, 200, "red", "flag")],
+    }  # fmt: skip
+    ends = ("", ".", ". ")
+    out = {"json": root / "FG-OVD" / "benchmarks", "jsonl": root / "fgovd_converted"}
+    for level, stem in (("hard", "1_attributes"), ("medium", "2_attributes")):
+        data = {"images": [], "annotations": [], "categories": []}
+        jsonl = []
+        for img_id, (name, bs) in enumerate(boxes.items(), start=56288):
+            dst = val / f"{img_id:012d}.jpg"
+            dst.write_bytes(images[name].read_bytes())
+            w, h = Image.open(dst).size
+            file_name = f"val2017/{dst.name}"
+            data["images"].append({
+                "id": img_id, "width": w, "height": h, "license": 4,
+                "coco_url": f"http://images.cocodataset.org/{file_name}",
+                "flickr_url": "http://farm1.staticflickr.com/0/0_z.jpg", "file_name": file_name,
+                "neg_category_ids": [], "not_exhaustive_category_ids": [], "checked": True,
+            })  # fmt: skip
+            for x, y, bw, bh, colour, thing in bs:
+                k = len(data["annotations"])
+                if level == "hard":
+                    n_neg = 3 if name == "rocket" else 10
+                    negs = _negs(colour, thing, n_neg)
+                else:  # 1-3 negatives: a random tiny model scores in (0, 1)
+                    negs = [f"a {colour} {o}" for o in ("dog", "car", "tree")][: 1 + k % 3]
+                caps = [f"A {colour} {thing}", *(n[0].upper() + n[1:] for n in negs)]
+                caps = [c + ends[(k + i) % 3] for i, c in enumerate(caps)]
+                cat, *negs_ids = (_fgovd_category(data, c) for c in caps)
+                ann = {
+                    "bbox": [x, y, bw, bh], "area": bw * bh,
+                    "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]],
+                    "category_id": cat, "neg_category_ids": negs_ids, "image_id": img_id,
+                    "needs_revision": False, "id": 3 + 7 * k,
+                }  # fmt: skip
+                if level == "hard" and k == 1:
+                    ann["neg_category_ids"] = []  # empty negatives: a counted skip
+                if level == "hard" and k == 3:
+                    ann["bbox"] = [w - 20.0, 10.0, 80.0, 40.0]  # leaves the image
+                data["annotations"].append(ann)
+                fix = [c if c.endswith(".") else c + "." for c in caps]
+                jsonl.append({
+                    "img_path": file_name, "bbox": ann["bbox"], "pos_expression": fix[:1],
+                    "neg_expression": fix[1:] if ann["neg_category_ids"] else [],
+                    "category_id": 0, "neg_category_ids": list(range(1, len(caps))),
+                    "width": w, "height": h, "image_id": img_id, "sent_id": 10676 + k,
+                    "test_type": stem,
+                })  # fmt: skip
+        out["json"].mkdir(parents=True, exist_ok=True)
+        (out["json"] / f"{stem}.json").write_text(json.dumps(data))
+        _jsonl(out["jsonl"] / f"{level[0]}_attributes_llava.jsonl", jsonl)
+    return out
+
+
 INSTANCE_CLASSES = ["cat", "cup", "rocket", "square", "circle", "astronaut", "flag"]
 
 

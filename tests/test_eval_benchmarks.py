@@ -15,8 +15,11 @@ import torch
 from tests import benchmark_fixtures as F
 from tests.distributed import run_distributed
 
-TASKS = ("fgovd", "coco-boxcls", "lvis-boxcls", "lvis-crop", "sharegpt4v", "dci", "docci",
-         "coco", "flickr30k", "imagenet", "imagenet-v2")  # fmt: skip
+TASKS = ("fgovd", "fgovd-json", "coco-boxcls", "lvis-boxcls", "lvis-crop", "sharegpt4v", "dci",
+         "docci", "coco", "flickr30k", "imagenet", "imagenet-v2")  # fmt: skip
+# Test cases that run a task on other files or options: their --task.
+TASK_OF = {"lvis-crop": "lvis-boxcls", "imagenet-v2": "imagenet", "fgovd-json": "fgovd",
+           "fgovd-jsonl-twin": "fgovd"}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +39,15 @@ def bench(tmp_path_factory):
         **retrieval,
     }  # fmt: skip
     files["lvis-crop"] = files["lvis-boxcls"]
+    fgovd_json = F.write_fgovd_original(root / "coco", images)
+    files["fgovd-json"] = {"data": fgovd_json["json"], "image_root": root / "coco"}
+    files["fgovd-jsonl-twin"] = {"data": fgovd_json["jsonl"], "image_root": root / "coco"}
     return SimpleNamespace(root=root, ckpt=ckpt, ref=F.Reference(ckpt), files=files, results={})
 
 
 def argv_of(b, task: str, out: Path) -> list[str]:
     f = b.files[task]
-    name = {"lvis-crop": "lvis-boxcls", "imagenet-v2": "imagenet"}.get(task, task)
+    name = TASK_OF.get(task, task)
     argv = ["--task", name, "--data", str(f["data"]), "--checkpoint", str(b.root / "ckpt"),
             "--out", str(out), "--batch-size", "3"]  # fmt: skip
     if f["image_root"] is not None:
@@ -64,7 +70,7 @@ def result(b, task: str) -> dict:
     if task not in b.results:
         out = b.root / "out1" / task
         assert run_main(argv_of(b, task, out)) == 0
-        name = {"lvis-crop": "lvis-boxcls", "imagenet-v2": "imagenet"}.get(task, task)
+        name = TASK_OF.get(task, task)
         b.results[task] = json.loads((out / f"{name}.json").read_text())
     return b.results[task]
 
@@ -113,6 +119,120 @@ def test_fgovd_levels_match_the_reference_with_counted_skips(bench):
     assert skipped["box_outside_image_or_empty"]["count"] == 1
     assert r["levels"]["hard"]["items_with_fewer_than_10_negatives"] == 1
     assert r["protocol"]["text_length"] == 77 and r["protocol"]["resize"] == "squash"
+
+
+def _fgovd_json_reference(b, path: Path) -> dict:
+    """The level scored from FG-OVD's own JSON without our reader: captions as FG-CLIP's JSONL
+    carries them ("." appended where missing), upstream's v1 scoring on the reference model."""
+    from PIL import Image
+
+    data = json.loads(path.read_text())
+    names = {c["id"]: c["name"] for c in data["categories"]}
+    files = {im["id"]: im["file_name"] for im in data["images"]}
+    hits = n = few = 0
+    chance = 0.0
+    for ann in data["annotations"]:
+        img = b.files["fgovd-json"]["image_root"] / files[ann["image_id"]]
+        x, y, w, h = ann["bbox"]
+        W, H = Image.open(img).size
+        if not ann["neg_category_ids"] or x + w > W + 1 or y + h > H + 1:
+            continue
+        texts = [names[c] for c in [ann["category_id"], *ann["neg_category_ids"]]]
+        texts = [t if t.endswith(".") else t + "." for t in texts]
+        s = F.unit(b.ref.texts(texts)) @ F.unit(b.ref.region(img, ann["bbox"]))
+        hits += bool(torch.equal(s.max(), s[0]))  # upstream: torch.equal(max, s[0])
+        n += 1
+        few += len(texts) - 1 < 10
+        chance += 1 / len(texts)
+    return {"accuracy": hits / n, "items": n, "few": few, "chance": chance / n}
+
+
+def test_fgovd_in_its_own_json_format_matches_the_reference_and_fgclip_jsonl(bench, tmp_path):
+    from fgclip_mega.eval.benchmarks import fgovd
+    from fgclip_mega.eval.benchmarks.common import Skips
+
+    r = result(bench, "fgovd-json")
+    folder = bench.files["fgovd-json"]["data"]
+    assert set(r["levels"]) == {"hard", "medium"}
+    for level, stem in (("hard", "1_attributes"), ("medium", "2_attributes")):
+        got, want = r["levels"][level], _fgovd_json_reference(bench, folder / f"{stem}.json")
+        assert got["format"] == "fgovd-json"
+        assert (got["items"], got["accuracy"]) == (want["items"], want["accuracy"]), level
+        assert got["items_with_fewer_than_10_negatives"] == want["few"]
+        assert got["chance_mean_1_over_1_plus_negatives"] == pytest.approx(want["chance"])
+        if level == "medium":
+            assert 0 < want["accuracy"] < 1, "a fixture where the score is neither 0 nor 1"
+    hard = r["levels"]["hard"]
+    assert hard["skipped"]["empty_negatives"]["count"] == 1
+    assert "annotations[1] (id 10)" in hard["skipped"]["empty_negatives"]["examples"][0]
+    assert hard["skipped"]["box_outside_image_or_empty"]["count"] == 1
+    assert hard["items_with_fewer_than_10_negatives"] == 1  # kept, as upstream
+    # Captions exactly as FG-CLIP's JSONL carries them: "." appended, "x. " -> "x. .".
+    _, items = fgovd.read_items(folder / "1_attributes.json", Skips())
+    assert items[0]["texts"][:3] == ["A ginger cat.", "A red cat.", "A blue cat. ."]
+    assert items[0]["img"] == "val2017/000000056288.jpg"
+    assert items[0]["box"] == [120.5, 30.25, 200, 220.75]
+    # The same benchmark converted to FG-CLIP's JSONL gives the same numbers.
+    assert run_main(argv_of(bench, "fgovd-jsonl-twin", tmp_path)) == 0
+    twin = json.loads((tmp_path / "fgovd.json").read_text())["levels"]
+    for level, got in r["levels"].items():
+        assert twin[level]["format"] == "fgclip-jsonl"
+        drop = ("file", "format", "skipped")
+        assert {k: v for k, v in got.items() if k not in drop} == {
+            k: v for k, v in twin[level].items() if k not in drop
+        }, level
+        assert {k: v["count"] for k, v in got["skipped"].items()} == {
+            k: v["count"] for k, v in twin[level]["skipped"].items()
+        }
+
+
+def test_fgovd_json_bad_input_is_one_clear_error_or_a_counted_skip(bench, tmp_path, capsys):
+    from fgclip_mega.eval.benchmarks import fgovd
+    from fgclip_mega.eval.benchmarks.common import BenchmarkError, Skips
+
+    folder = bench.files["fgovd-json"]["data"]
+    medium = json.loads((folder / "2_attributes.json").read_text())
+    # A missing image: an error naming it, or with --skip-missing-images a counted skip of
+    # each of its annotations.
+    gone = json.loads(json.dumps(medium))
+    gone["images"][0]["file_name"] = "val2017/not_there.jpg"
+    lost = sum(a["image_id"] == gone["images"][0]["id"] for a in gone["annotations"])
+    (tmp_path / "2_attributes.json").write_text(json.dumps(gone))
+    argv = ["--task", "fgovd", "--data", str(tmp_path / "2_attributes.json"),
+            "--image-root", str(bench.files["fgovd-json"]["image_root"]),
+            "--checkpoint", str(bench.root / "ckpt"), "--out", str(tmp_path / "o")]  # fmt: skip
+    assert run_main(argv) == 2
+    assert "not_there.jpg: image file not found" in capsys.readouterr().err
+    assert run_main([*argv, "--skip-missing-images"]) == 0
+    r = json.loads((tmp_path / "o" / "fgovd.json").read_text())["levels"]["medium"]
+    assert r["skipped"]["missing_image"]["count"] == lost >= 1
+    assert r["items"] == len(medium["annotations"]) - lost
+    # Unknown ids name the annotation; a file of neither format names both formats.
+    for key, value, msg in (
+        ("neg_category_ids", [1, 99999], r"annotations\[0\] \(id 3\): category id 99999 is not"),
+        ("image_id", 7, r"annotations\[0\] \(id 3\): image_id 7 is not in images"),
+    ):
+        bad = json.loads(json.dumps(medium))
+        bad["annotations"][0][key] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(BenchmarkError, match=msg):
+            fgovd.read_items(tmp_path / "bad.json", Skips())
+    (tmp_path / "bad.json").write_text(json.dumps({"images": []}))
+    with pytest.raises(BenchmarkError, match="neither FG-OVD's benchmark JSON"):
+        fgovd.read_items(tmp_path / "bad.json", Skips())
+    # Levels: from the file name (attribute sets keep their own), and one format per level.
+    assert fgovd.level_files(folder) == {
+        "hard": folder / "1_attributes.json", "medium": folder / "2_attributes.json"
+    }  # fmt: skip
+    (tmp_path / "color.json").write_text(json.dumps(medium))
+    assert fgovd.level_files(tmp_path / "color.json") == {"color": tmp_path / "color.json"}
+    both = tmp_path / "both"
+    both.mkdir()
+    (both / "2_attributes.json").write_text(json.dumps(medium))
+    twin = bench.files["fgovd-jsonl-twin"]["data"] / "m_attributes_llava.jsonl"
+    (both / "m_attributes_llava.jsonl").write_text(twin.read_text())
+    with pytest.raises(BenchmarkError, match="both m_attributes_llava.jsonl and 2_attributes"):
+        fgovd.level_files(both)
 
 
 # ----------------------------------------------------------------------------- boxes
@@ -263,7 +383,7 @@ def test_every_task_gives_the_same_numbers_at_2_ranks(bench):
     argvs = {t: argv_of(bench, t, bench.root / "out2" / t) for t in TASKS}
     run_distributed(_all_tasks_dp, 2, argvs, timeout=900)
     for t in TASKS:
-        name = {"lvis-crop": "lvis-boxcls", "imagenet-v2": "imagenet"}.get(t, t)
+        name = TASK_OF.get(t, t)
         two = json.loads((bench.root / "out2" / t / f"{name}.json").read_text())
         assert two["layout"]["dp"] == 2 and single[t]["layout"]["dp"] == 1
         for key in ("metrics", "levels", "skipped", "boxes", "images", "texts"):
