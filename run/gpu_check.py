@@ -141,7 +141,7 @@ def parts() -> list[Part]:
     # CPU stand-ins: the same cases on the tiny preset (the GPU's overlap_grad_reduce default
     # is imitated by --cpu), one step each.
     cpu_cases = ["tiny:regional:distopt+ckpt+sdpa", "tiny:regional:syncdebug+eval"]
-    cpu_cases += ["tiny:global:siglip"]
+    cpu_cases += ["tiny:global:siglip", "fgclip2_tiny:global", "fgclip2_tiny:regional:distopt"]
     tiny_loss = [
         "--grid",
         "rect",
@@ -198,7 +198,7 @@ def parts() -> list[Part]:
         # SDPA flash/cuDNN only; sync debug "error" over stage-2 steps + eval; SigLIP. 2 layers.
         Part(
             "train_features",
-            110,
+            130,
             [*train, "--layers", "2", "--steps", "3"],
             env=LOSS_TILE,
             script="run/gpu_train_step.py",
@@ -207,20 +207,20 @@ def parts() -> list[Part]:
         # B/16 and L/14-336 at full depth, stage 2 (every loss term), bf16.
         Part(
             "train_presets",
-            75,
+            65,
             [*train, "--presets", "--steps", "2"],
             env=LOSS_TILE,
             script="run/gpu_train_step.py",
         ),
         Part(
             "bench_step_mfu",
-            30,
+            25,
             [PY, "run/bench_step.py", "--preset", "fgclip_vit_b16", "--stage", "global"],
             script="run/bench_step.py",
         ),
         Part(
             "bench_loss",
-            30,
+            25,
             [PY, "run/bench_loss.py", *_bench_loss_args()],
             script="run/bench_loss.py",
             cpu_cmd=[PY, "run/bench_loss.py", *tiny_loss],

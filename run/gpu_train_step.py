@@ -44,6 +44,9 @@ FEATURE_CASES = [
     "fgclip_vit_b16:global:distopt+ckpt+sdpa",
     "fgclip_vit_b16:global:siglip",
     "fgclip_vit_b16:regional:syncdebug+eval",
+    # FG-CLIP 2: NaFlex batches of mixed budgets (padding masks in SDPA: memory-efficient or
+    # cuDNN only), the stage-1-frozen heads under DDP overlap, the CMR margin on the device.
+    "fgclip2_base_naflex:regional:distopt+sdpa+syncdebug",
 ]
 PRESET_CASES = ["fgclip_vit_b16:regional", "fgclip_vit_l14_336:regional"]
 OPTIONS = ("distopt", "ckpt", "siglip", "eval", "sdpa", "syncdebug")
