@@ -1,6 +1,12 @@
 """The main job: does FG-CLIP's regional stage buy fine-grained understanding? On CPU, in minutes.
 
-    python run/main_job.py [--name NAME] [--data-seed N] [key=value ...]   # extra: both runs
+    python run/main_job.py [--recipe fgclip|fgclip2] [--name NAME] [--data-seed N] [key=value ...]
+
+--recipe picks the model family and its tuned recipe (extra key=value pairs: both runs):
+  fgclip   FG-CLIP, preset `tiny`, fixed-size synthetic scenes (RECIPE below; runs/main_job);
+  fgclip2  FG-CLIP 2, preset `fgclip2_tiny` (SigLIP 2 NaFlex towers, sigmoid global loss, FGV
+           region InfoNCE, TIC, FGT with CMR) on the mixed-size, mixed-aspect synthetic scenes
+           (run/recipe_fgclip2.py; runs/main_job_fgclip2).
 
 Runs what a cluster user runs, with 2 data-parallel processes (torchrun, gloo on CPU):
   1. stage 1 (global: image <-> long/short captions) for S1 steps;
@@ -25,6 +31,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,6 +93,40 @@ RECIPE = [
 # 0.43 global-only; 0.52 with 50 steps).
 STAGE2_ONLY = ["optim.lr=2e-3"]
 HELD_OUT_SAMPLES = 512
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What differs between the main jobs of the two families; the driver below is shared."""
+
+    preset: str
+    overrides: list[str]
+    stage2_only: list[str]
+    stage1_steps: int
+    stage2_steps: int
+    data_dir: str
+    """Training scenes go to <data_dir>/seed<N> (each family draws its own kind of scene)."""
+    eval_dir: str
+    """Held-out scenes (the evaluator's --synthetic-dir)."""
+    name: str
+    """Default run name: runs/<name>."""
+
+
+def recipes() -> dict[str, Recipe]:
+    from run import recipe_fgclip2 as v2
+
+    return {
+        "fgclip": Recipe(
+            "tiny", RECIPE, STAGE2_ONLY, STAGE1_STEPS, STAGE2_STEPS,
+            "runs/synthetic_data", "runs/eval_data", "main_job",
+        ),
+        "fgclip2": Recipe(
+            "fgclip2_tiny", v2.RECIPE, v2.STAGE2_ONLY, v2.STAGE1_STEPS, v2.STAGE2_STEPS,
+            "runs/synthetic_data_fgclip2", "runs/eval_data_fgclip2", "main_job_fgclip2",
+        ),
+    }  # fmt: skip
+
+
 TARGETS = {"hard_neg_gain": 0.35, "pairwise_min": 0.85, "i2t_long_drop_max": 0.05}
 # Only the trainer's/evaluator's own log lines reach the console (not library warnings).
 _SHOW = re.compile(r"\[rank 0\] fgclip_mega|^error|Error|Traceback")
@@ -152,31 +193,34 @@ def run(cmd: list[str], log_path: Path) -> tuple[float, float | None]:
     return time.time() - t0, rate
 
 
-def train_cmd(out: Path, stage: str, steps: int, extra: list[str]) -> list[str]:
+def train_cmd(recipe: Recipe, out: Path, stage: str, steps: int, extra: list[str]) -> list[str]:
     return [
         str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "fgclip_mega.train",
-        "--preset", "tiny", f"train.stage={stage}", f"train.steps={steps}",
-        f"train.output_dir={out}", *RECIPE, *extra,
+        "--preset", recipe.preset, f"train.stage={stage}", f"train.steps={steps}",
+        f"train.output_dir={out}", *recipe.overrides, *extra,
     ]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--name", default="main_job")
+    p.add_argument("--recipe", choices=("fgclip", "fgclip2"), default="fgclip")
+    p.add_argument("--name", default="", help="run name (default: the recipe's)")
     p.add_argument("--data-seed", type=int, default=1234, help="seed of the training scenes")
-    p.add_argument("--stage1-steps", type=int, default=STAGE1_STEPS)
-    p.add_argument("--stage2-steps", type=int, default=STAGE2_STEPS)
+    p.add_argument("--stage1-steps", type=int, default=0, help="default: the recipe's")
+    p.add_argument("--stage2-steps", type=int, default=0, help="default: the recipe's")
     p.add_argument("overrides", nargs="*", help="config key=value pairs for every training run")
     args = p.parse_args(argv)
-    s1, s2 = args.stage1_steps, args.stage2_steps
-    out = ROOT / "runs" / args.name
+    recipe = recipes()[args.recipe]
+    s1 = args.stage1_steps or recipe.stage1_steps
+    s2 = args.stage2_steps or recipe.stage2_steps
+    out = ROOT / "runs" / (args.name or recipe.name)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("stage1", "stage2", "global_only", "eval"):  # a rerun starts from scratch
         subprocess.run(["rm", "-rf", str(out / sub)], check=True)
     seed = args.data_seed
     extra = [
         f"data.seed={seed}",
-        f"data.synthetic_dir=runs/synthetic_data/seed{seed}",
+        f"data.synthetic_dir={recipe.data_dir}/seed{seed}",
         *args.overrides,
     ]
     held_out_seed = seed + 1000  # another generator seed: scenes never seen in training
@@ -189,19 +233,19 @@ def main(argv: list[str] | None = None) -> int:
     progress = Progress(plan)
     t_job = time.time()
     # The user's overrides come last and win, in stage 2 too.
-    stage2 = train_cmd(out / "stage2", "regional", s2, [*STAGE2_ONLY, *extra])
+    stage2 = train_cmd(recipe, out / "stage2", "regional", s2, [*recipe.stage2_only, *extra])
     stage2.append(f"checkpoint.init_from={out / 'stage1' / 'checkpoints'}")
     eval_cmd = [
         str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "-m", "fgclip_mega.eval",
         "--checkpoint", str(out / "stage2"), "--name", "two_stage",
         "--checkpoint", str(out / "global_only"), "--name", "global_only",
         "--synthetic-seed", str(held_out_seed), "--synthetic-samples", str(HELD_OUT_SAMPLES),
-        "--synthetic-dir", "runs/eval_data", "--out", str(out / "eval"),
+        "--synthetic-dir", recipe.eval_dir, "--out", str(out / "eval"),
     ]  # fmt: skip
     commands = [
-        ("stage1", train_cmd(out / "stage1", "global", s1, extra)),
+        ("stage1", train_cmd(recipe, out / "stage1", "global", s1, extra)),
         ("stage2", stage2),
-        ("global_only", train_cmd(out / "global_only", "global", s1 + s2, extra)),
+        ("global_only", train_cmd(recipe, out / "global_only", "global", s1 + s2, extra)),
         ("eval", eval_cmd),
     ]
     walls = {}
@@ -218,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     from run.main_job_report import write_report
 
     summary = write_report(
-        out, walls, s1, s2, seed, held_out_seed, TARGETS, RECIPE + extra, STAGE2_ONLY
-    )
+        out, walls, s1, s2, seed, held_out_seed, TARGETS, recipe.overrides + extra,
+        recipe.stage2_only, preset=recipe.preset,
+    )  # fmt: skip
     print(f"\n{out / 'report.md'}\n{out / 'summary.json'}")
     print(json.dumps({k: summary[k] for k in ("targets", "wall_s")}, indent=1))
     return 0

@@ -37,7 +37,8 @@ def plot_losses(out: Path, s1: int) -> Path:
         (axes[0], two, "two-stage (stage 1 global -> stage 2 regional)"),
         (axes[1], glob, "global-only (same total steps)"),
     ):
-        for key in ("long", "short", "region", "hard"):
+        # FG-CLIP's stage-2 terms are region and hard; FG-CLIP 2's region, tic and fgt.
+        for key in ("long", "short", "region", "hard", "tic", "fgt"):
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts, strict=True), label=f"L_{key}")
@@ -108,7 +109,16 @@ def check_targets(two: dict, glob: dict, targets: dict) -> dict:
 
 
 def write_report(
-    out, walls, s1, s2, seed, held_out_seed, targets, overrides, stage2_overrides=()
+    out,
+    walls,
+    s1,
+    s2,
+    seed,
+    held_out_seed,
+    targets,
+    overrides,
+    stage2_overrides=(),
+    preset="tiny",
 ) -> dict:
     results = json.loads((out / "eval" / "eval.json").read_text())
     two, glob = summary_of(results["two_stage"]), summary_of(results["global_only"])
@@ -128,13 +138,18 @@ def write_report(
         "steps": {"stage1": s1, "stage2": s2, "global_only": s1 + s2},
         "data_seed": seed,
         "held_out_seed": held_out_seed,
+        "preset": preset,
+        "overrides": list(overrides),
+        "stage2_overrides": list(stage2_overrides),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     loss_png, fg_png = plot_losses(out, s1), plot_fine_grained(out, results)
+    family = "FG-CLIP 2" if preset.startswith("fgclip2") else "FG-CLIP"
     lines = [
-        f"# FG-CLIP main job: two-stage vs global-only ({out.name})",
+        f"# {family} main job: two-stage vs global-only ({out.name})",
         "",
-        f"2 data-parallel processes (torchrun, gloo on CPU), tiny preset. Two-stage: {s1} global "
+        f"2 data-parallel processes (torchrun, gloo on CPU), preset {preset}. Two-stage: {s1} "
+        "global "
         f"steps, then {s2} regional steps as a new run from the stage-1 weights "
         "(checkpoint.init_from: a fresh optimizer, warm-up and cosine schedule, as FG-CLIP's "
         "stage 2 starts). "
