@@ -1,9 +1,10 @@
-"""FG-CLIP and FG-CLIP 2 side by side: the four seams where the two recipes differ, in one table.
+"""FG-CLIP and FG-CLIP 2 side by side: the seams where the two recipes differ, in one table.
 
     model     FGCLIPModel (OpenAI-CLIP towers)     | FGCLIP2Model (SigLIP 2 NaFlex towers)
     loader    DALI / PIL square-image loader       | NaFlexLoader (batches grouped by budget)
     forward   objective.forward.encode_batch       | objective.forward_fgclip2.encode_naflex_batch
     weights   HF CLIPModel / released FG-CLIP      | HF Siglip2Model / released FG-CLIP 2
+    eval      held-out loader, CLIP BPE text codec | every image at its own budget, SigLIP 2 codec
 
 Everything else (the objective and its terms, megatron DDP and optimizer, checkpoints, the loop,
 metrics) is shared. The trainer, the evaluator and the tools pick the family by
@@ -37,6 +38,12 @@ class Family:
     stage_frozen: Callable[[Config], tuple[str, ...]]
     """Parameter-name prefixes a stage never trains: frozen, so that megatron's overlapped DDP
     (which waits for every bucketed parameter's gradient) and the optimizer never see them."""
+    eval_loader: Callable[..., tuple[object, int]]
+    """(cfg, dp_rank, dp_size, device, data=None, max_batches=None) -> (loader, batches): a
+    held-out set for eval/collect.py; max_batches None = every sample at least once, else at
+    most one pass of about that many global batches."""
+    text_codec: Callable[[torch.nn.Module, object], object]
+    """(model, its eval loader or None) -> the evaluation's text codec (data/text_codec.py)."""
 
 
 # ----------------------------------------------------------------------------- FG-CLIP
@@ -70,6 +77,24 @@ def _v1_frozen(cfg: Config) -> tuple[str, ...]:
     # Every FG-CLIP parameter is used in both stages (the unused temperatures of stage 1 join
     # through the objective's zero term instead, as they did before this table existed).
     return ()
+
+
+def _v1_eval_loader(cfg, dp_rank, dp_size, device, data=None, max_batches=None):
+    import math
+
+    from fgclip_mega.data.loader import build_config_loader
+
+    loader = build_config_loader(cfg, dp_rank, dp_size, device, data)
+    n, size = loader.shards.num_samples, (data or cfg.data).micro_batch_size * dp_size
+    if max_batches is None:
+        return loader, math.ceil(n / size)  # every sample; repeats are dropped by sample id
+    return loader, min(max_batches, n // size)  # one pass at most: no sample twice
+
+
+def _v1_codec(model, loader=None):
+    from fgclip_mega.data.text_codec import ClipCodec
+
+    return ClipCodec(model.cfg.text)
 
 
 # ----------------------------------------------------------------------------- FG-CLIP 2
@@ -107,17 +132,42 @@ def naflex_data(cfg: Config, data: DataConfig | None = None) -> tuple[DataConfig
 def _v2_loader(cfg: Config, dp_rank: int, dp_size: int, device, data: DataConfig | None = None):
     from fgclip_mega.data.naflex_loader import NaFlexLoader
 
+    data, shards = _v2_data(cfg, data)
+    # Batches come on the CPU; the loop moves them (NaFlexBatch.to).
+    return NaFlexLoader(
+        data, data.tokenizer, patch_size=cfg.model.vision.patch_size,
+        dp_rank=dp_rank, dp_size=dp_size, shards=shards,
+    )  # fmt: skip
+
+
+def _v2_data(cfg: Config, data: DataConfig | None) -> tuple[DataConfig, object]:
     data, shards = naflex_data(cfg, data)
     if not data.tokenizer:
         raise ConfigError(
             "data.tokenizer: FG-CLIP 2 reads its text with a SigLIP 2 tokenizer.json; give its "
             "path (the file or its folder)"
         )
-    # Batches come on the CPU; the loop moves them (NaFlexBatch.to).
-    return NaFlexLoader(
+    return data, shards
+
+
+def _v2_eval_loader(cfg, dp_rank, dp_size, device, data=None, max_batches=None):
+    from fgclip_mega.data.naflex_eval import NaFlexEvalLoader
+
+    data, shards = _v2_data(cfg, data)
+    # Every image at its own budget (layout-independent embeddings), so a pass takes a few
+    # more batches than samples / global batch: max_batches bounds the samples, not batches.
+    limit = None if max_batches is None else max_batches * data.micro_batch_size * dp_size
+    loader = NaFlexEvalLoader(
         data, data.tokenizer, patch_size=cfg.model.vision.patch_size,
-        dp_rank=dp_rank, dp_size=dp_size, shards=shards,
+        dp_rank=dp_rank, dp_size=dp_size, shards=shards, max_samples=limit,
     )  # fmt: skip
+    return loader, loader.num_batches
+
+
+def _v2_codec(model, loader=None):
+    from fgclip_mega.data.text_codec import Siglip2Codec
+
+    return Siglip2Codec(getattr(loader, "tok", None))
 
 
 def _v2_encode(model, batch, regional: bool):
@@ -142,8 +192,26 @@ def _v2_frozen(cfg: Config) -> tuple[str, ...]:
 
 
 FAMILIES = {
-    "fgclip": Family("fgclip", _v1_model, _v1_loader, _v1_encode, _v1_import, _v1_frozen),
-    "fgclip2": Family("fgclip2", _v2_model, _v2_loader, _v2_encode, _v2_import, _v2_frozen),
+    "fgclip": Family(
+        "fgclip",
+        _v1_model,
+        _v1_loader,
+        _v1_encode,
+        _v1_import,
+        _v1_frozen,
+        _v1_eval_loader,
+        _v1_codec,
+    ),
+    "fgclip2": Family(
+        "fgclip2",
+        _v2_model,
+        _v2_loader,
+        _v2_encode,
+        _v2_import,
+        _v2_frozen,
+        _v2_eval_loader,
+        _v2_codec,
+    ),
 }
 
 

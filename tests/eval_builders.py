@@ -31,7 +31,9 @@ class FakeTextModel(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.cfg = SimpleNamespace(text=SimpleNamespace(short_context=77, long_context=248))
+        self.cfg = SimpleNamespace(
+            family="fgclip", text=SimpleNamespace(short_context=77, long_context=248)
+        )
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def encode_text(self, tokens: torch.Tensor, long: bool = False) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """python -m fgclip_mega.eval --checkpoint DIR [--data INDEX | --synthetic-seed N] [key=value ...]
    python -m fgclip_mega.eval --task NAME --data PATH --checkpoint DIR [...]  (public benchmarks)
 
-Evaluates a training checkpoint (any TP x DP it was saved with) or imported HF CLIPModel /
-FG-CLIP weights on a held-out set, distributed over data-parallel ranks when started with
-torchrun, and writes <out>/eval.json (the nested result) and <out>/eval.md (a table).
+Evaluates a training checkpoint of either family (model.family fgclip or fgclip2; any TP x DP
+it was saved with) or imported HF CLIPModel / FG-CLIP weights on a held-out set, distributed
+over data-parallel ranks when started with torchrun, and writes <out>/eval.json (the nested
+result) and <out>/eval.md (a table).
 The held-out set is `--data` (a shard index) or the synthetic scene generator with a seed that
 differs from training's (built once under --synthetic-dir).
 """
@@ -14,7 +15,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -162,24 +162,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(cfg: Config, step_dir: Path | None, checkpoint: str, state, log):
-    from fgclip_mega.checkpoint import import_hf_state_dict
     from fgclip_mega.checkpoint.weights import load_training_weights
-    from fgclip_mega.models import FGCLIPModel
+    from fgclip_mega.family import family
 
-    model = FGCLIPModel.from_runtime(cfg.model, cfg.parallel, state.runtime, state.tp_group)
+    fam = family(cfg)
+    model = fam.model_class().from_runtime(cfg.model, cfg.parallel, state.runtime, state.tp_group)
     if step_dir is not None:
         info = load_training_weights(model, step_dir)
         log.info("%s: step %d, saved %s", step_dir, info["step"], info["saved_layout"])
     else:
-        import_hf_state_dict(model, checkpoint)
+        fam.import_weights(model, checkpoint)
     return model.eval()
 
 
 def evaluate_checkpoints(models: list[tuple[Config, Path | None]], names: list[str], args):
-    from fgclip_mega.data import build_config_loader
     from fgclip_mega.eval.collect import collect
     from fgclip_mega.eval.report import markdown_table
     from fgclip_mega.eval.suite import run_suite
+    from fgclip_mega.family import family
     from fgclip_mega.parallel import destroy_parallel, init_parallel
 
     log = logging.getLogger("fgclip_mega.eval")
@@ -190,11 +190,12 @@ def evaluate_checkpoints(models: list[tuple[Config, Path | None]], names: list[s
             t0 = time.perf_counter()
             cfg.validate(world_size=state.world_size)
             model = _load(cfg, step_dir, checkpoint, state, log)
-            loader = build_config_loader(cfg, state.dp_rank, state.dp_size, state.runtime.device)
+            # Every sample at least once; repeats are dropped by sample id.
+            loader, batches = family(cfg).eval_loader(
+                cfg, state.dp_rank, state.dp_size, state.runtime.device
+            )
             try:
                 n = loader.shards.num_samples
-                # ceil: every sample at least once; repeats are dropped by sample id.
-                batches = math.ceil(n / (cfg.data.micro_batch_size * state.dp_size))
                 log.info("%s: %d held-out samples, %d batches x %d ranks", name, n, batches,
                          state.dp_size)  # fmt: skip
                 es = collect(model, loader, batches, state.dp_group, state.runtime)

@@ -48,6 +48,9 @@ class EvalSet:
     """(H, 1+K, P) positive phrase (0) and negatives of those boxes."""
     hard_tokens: torch.Tensor
     """(H, 1+K, L_s) their tokens."""
+    codec: object = None
+    """The family's text codec (data/text_codec.py): reads these tokens back, encodes prompts;
+    `collect` sets it from the model and loader."""
 
     @property
     def hard_region(self) -> torch.Tensor:
@@ -115,7 +118,7 @@ def _first_occurrences(key: torch.Tensor) -> torch.Tensor:
     return rows.scatter_reduce(0, inverse, torch.arange(len(key)), reduce="amin")
 
 
-def _ordered(m: dict[str, torch.Tensor]) -> EvalSet:
+def _ordered(m: dict[str, torch.Tensor], codec=None) -> EvalSet:
     first = _first_occurrences(m["sample_ids"])  # (N,) image rows, ascending sample id
     # A repeated image repeats its boxes (same slots): keep each (sample, slot) once.
     box_rows = _first_occurrences(m["region_sample"] * _MAX_SLOTS + m["region_slot"])  # (R,)
@@ -139,6 +142,7 @@ def _ordered(m: dict[str, torch.Tensor]) -> EvalSet:
         hard_index=has_hard.nonzero()[:, 0],
         hard_text=m["hard_text"][kept_hard[has_hard]],
         hard_tokens=m["hard_tokens"][kept_hard[has_hard]],
+        codec=codec,
     )
 
 
@@ -149,7 +153,8 @@ def collect(model, loader, num_batches: int, dp_group=None, runtime=None) -> Eva
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    encode = family_of_model(model).encode
+    fam = family_of_model(model)
+    encode, codec = fam.encode, fam.text_codec(model, loader)
     records = []
     try:
         for _ in range(num_batches):
@@ -160,7 +165,7 @@ def collect(model, loader, num_batches: int, dp_group=None, runtime=None) -> Eva
             records.append(_batch_records(batch, emb))
     finally:
         model.train(was_training)
-    return _ordered(_gather_records(_merge(records), dp_group))
+    return _ordered(_gather_records(_merge(records), dp_group), codec)
 
 
 __all__ = ["EvalSet", "collect"]

@@ -9,14 +9,14 @@ FineHARD phrases) is 'unknown'.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import re
 
 import torch
 
 from fgclip_mega.data import synthetic
-from fgclip_mega.data.tokenizer import EOT_ID, SOT_ID, _bytes_to_unicode, _hf_tokenizer, tokenize
+from fgclip_mega.data.text_codec import clip_decode
+from fgclip_mega.data.tokenizer import tokenize
 
 UNKNOWN = "unknown"
 # Attribute name -> its values, in the order of the phrase template.
@@ -30,32 +30,8 @@ _WORD_TO_ATTRIBUTE = {v: name for name, values in ATTRIBUTES.items() for v in va
 _LONG_HEAD = re.compile(r"^a (.+?) background with (\w+) objects? ?\.")  # decoded: "objects ."
 
 
-@functools.lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
-    return {c: b for b, c in _bytes_to_unicode().items()}
-
-
-@functools.lru_cache(maxsize=65536)
-def _piece(token_id: int) -> str:
-    return _hf_tokenizer().id_to_token(token_id) or ""
-
-
-def decode(ids: list[int] | torch.Tensor) -> str:
-    """Token ids (one row) -> lower-case text; stops at the first EOT, skips SOT and padding."""
-    if isinstance(ids, torch.Tensor):
-        ids = ids.tolist()
-    pieces = []
-    for i in ids:
-        if i == EOT_ID:
-            break
-        if i in (SOT_ID, 0):
-            continue
-        pieces.append(_piece(int(i)))
-    decoder = _byte_decoder()
-    # "</w>" ends a word; the rest are byte-level characters of the word.
-    words = "".join(pieces).split("</w>")
-    raw = [bytes(decoder.get(c, ord("?")) for c in w).decode("utf-8", "replace") for w in words]
-    return " ".join(w for w in raw if w)
+# The CLIP BPE decoder (FG-CLIP v1 rows); FG-CLIP 2 rows: data/text_codec.py's Siglip2Codec.
+decode = clip_decode
 
 
 def words(ids: list[int] | torch.Tensor) -> list[str]:
@@ -106,9 +82,10 @@ def attribute_of_change(change: str) -> str:
     return change.split(":", 1)[0]
 
 
-def negative_changes(hard_tokens: torch.Tensor) -> list[list[str]]:
+def negative_changes(hard_tokens: torch.Tensor, decode=decode) -> list[list[str]]:
     """(H, 1+K, L) hard-negative token rows -> per box, the edit (`changed_value`) each of its K
-    negatives makes."""
+    negatives makes; `decode` reads one row (default the CLIP BPE; FG-CLIP 2 sets pass their
+    codec's, data/text_codec.py)."""
     out = []
     for row in hard_tokens:
         pos = decode(row[0])

@@ -12,31 +12,30 @@ import math
 
 import torch
 
-from fgclip_mega.data.tokenizer import EOT_ID
 from fgclip_mega.eval import metrics as M
 from fgclip_mega.eval import phrases
 from fgclip_mega.eval.collect import EvalSet
+from fgclip_mega.family import family_of_model
 
 NO_INFO_SEED = 0
 
 
-def _trim(tokens: torch.Tensor) -> torch.Tensor:
-    """Cut (N, L) prompt tokens after the last EOT (the text tower is causal, pools at EOT)."""
-    last = int((tokens == EOT_ID).nonzero()[:, 1].max()) + 1
-    return tokens[:, :last]
+def _codec(model, es: EvalSet):
+    """The set's text codec (collect sets it); a hand-built set takes its model family's (which
+    for FG-CLIP 2 needs the loader's tokenizer: an error without it)."""
+    return es.codec if es.codec is not None else family_of_model(model).text_codec(model, None)
 
 
 @torch.no_grad()
-def _encode_prompts(model, prompts: list[str], long: bool, runtime=None) -> torch.Tensor:
-    ctx_len = model.cfg.text.long_context if long else model.cfg.text.short_context
-    tokens = _trim(phrases.tokenize_prompts(prompts, ctx_len))
+def _encode_prompts(model, codec, prompts: list[str], kind: str, runtime=None) -> torch.Tensor:
+    tokens = codec.tokenize(prompts, kind)  # (C, L)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with runtime.autocast() if runtime is not None else contextlib.nullcontext():
             out = [
-                model.encode_text(chunk.to(device), long=long).float().cpu()
+                codec.encode(model, chunk.to(device), kind).float().cpu()
                 for chunk in tokens.split(256)
             ]
     finally:
@@ -66,8 +65,9 @@ def retrieval(es: EvalSet, ks: tuple[int, ...] = (1, 5, 10)) -> dict[str, dict[s
     return out
 
 
-def hard_negatives(es: EvalSet) -> dict:
-    changes = phrases.negative_changes(es.hard_tokens)
+def hard_negatives(es: EvalSet, decode) -> dict:
+    """`decode`: one token row of the set -> its text (the set's codec's)."""
+    changes = phrases.negative_changes(es.hard_tokens, decode)
     attrs = phrases.attributes_of_changes(changes)
     scores = M.hard_negative_scores(es.hard_region, es.hard_text)
     result = {
@@ -105,18 +105,20 @@ def _by_change(scores, changes: list[list[str]]) -> dict[str, dict[str, float]]:
 def box_classification(model, es: EvalSet, runtime=None) -> dict:
     """Each box's region embedding vs one prompt per attribute combination (the paper's COCO
     box classification with the synthetic attribute sets as classes); boxes whose phrase is not
-    a synthetic attribute phrase are left out (real data: nothing to classify -> NaN)."""
+    a synthetic attribute phrase are left out (real data: nothing to classify -> NaN). Prompts
+    take the region phrases' text head ("box")."""
+    codec = _codec(model, es)
     prompts = phrases.box_class_prompts()
     index = {p: i for i, p in enumerate(prompts)}
     labels, rows = [], []
     for i, row in enumerate(es.region_tokens):
-        text = phrases.decode(row)
+        text = codec.decode(row)
         if text in index:
             labels.append(index[text])
             rows.append(i)
     if not rows:
         return {"accuracy": math.nan, "boxes": 0, "classes": len(prompts)}
-    classes = _encode_prompts(model, prompts, long=False, runtime=runtime)
+    classes = _encode_prompts(model, codec, prompts, "box", runtime)
     label_t = torch.tensor(labels)
     feats = es.region[torch.tensor(rows)]
     result = _classification(feats, classes, label_t, prompts)
@@ -142,7 +144,8 @@ def _classification(feats, classes, labels, prompts) -> dict:
 def zero_shot(model, es: EvalSet, runtime=None) -> dict:
     """Zero-shot image classification of the synthetic scenes: background x object count,
     prompts written like the first sentence of the long captions (long-text path)."""
-    labels = [phrases.scene_label(phrases.decode(row)) for row in es.long_tokens]
+    codec = _codec(model, es)
+    labels = [phrases.scene_label(codec.decode(row)) for row in es.long_tokens]
     keep = [i for i, lab in enumerate(labels) if lab is not None]
     if not keep:
         return {"accuracy": math.nan, "images": 0}
@@ -150,7 +153,7 @@ def zero_shot(model, es: EvalSet, runtime=None) -> dict:
     classes = phrases.scene_class_prompts(counts)
     index = {(bg, n): i for i, (bg, n, _) in enumerate(classes)}
     label_t = torch.tensor([index[labels[i]] for i in keep])
-    emb = _encode_prompts(model, [p for _, _, p in classes], long=True, runtime=runtime)
+    emb = _encode_prompts(model, codec, [p for _, _, p in classes], "long", runtime)
     feats = es.image[torch.tensor(keep)]
 
     def score(f):
@@ -181,7 +184,7 @@ def _count_order(word: str) -> int:
 def run_suite(model, es: EvalSet, runtime=None) -> dict:
     return {
         "retrieval": retrieval(es),
-        "hard_negative": hard_negatives(es),
+        "hard_negative": hard_negatives(es, _codec(model, es).decode),
         "box_classification": box_classification(model, es, runtime),
         "zero_shot": zero_shot(model, es, runtime),
         "sizes": {

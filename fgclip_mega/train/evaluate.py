@@ -26,11 +26,11 @@ def eval_data_config(run):
 def evaluate_during_training(run, at_step: int, metrics) -> dict[str, float]:
     cfg, state = run.cfg, run.state
     data = eval_data_config(run)
-    loader = family(cfg).build_loader(cfg, state.dp_rank, state.dp_size, run.runtime.device, data)
+    # One pass at most (the training loaders are endless and would repeat samples).
+    loader, batches = family(cfg).eval_loader(
+        cfg, state.dp_rank, state.dp_size, run.runtime.device, data, cfg.train.eval_batches
+    )
     try:
-        # One pass at most: the loader is endless and would repeat samples.
-        per_pass = loader.shards.num_samples // (data.micro_batch_size * state.dp_size)
-        batches = min(cfg.train.eval_batches, per_pass)
         if batches < 1:
             raise ValueError(
                 f"data.eval_shards={data.shards or data.synthetic_dir}: fewer samples than one "
