@@ -123,9 +123,10 @@ def main(argv: list[str] | None = None) -> int:
     if rank == 0:
         print(json.dumps({args.task: result["metrics"]}))
         if args.compare_golden:
-            from fgclip_mega.eval.benchmarks.golden import deltas_table
+            from fgclip_mega.eval.benchmarks.golden import deltas_table, golden_task
 
-            print(deltas_table(args.compare_golden, args.task, result["metrics"]))
+            task = golden_task(args.task, result)  # ImageNet-V2 by its folder layout
+            print(deltas_table(args.compare_golden, task, result["metrics"]))
     return 0
 
 
