@@ -19,7 +19,7 @@ from fgclip_mega.config import ConfigError
 from fgclip_mega.presets import PRESETS
 
 TASKS = {
-    "fgovd": "FG-OVD hard/medium/easy/trivial (FG-CLIP's JSONL files, COCO val2017 images)",
+    "fgovd": "FG-OVD hard/medium/easy/trivial (FG-OVD's JSON or FG-CLIP's JSONL, COCO images)",
     "sharegpt4v": "ShareGPT4V-1k long-caption retrieval",
     "dci": "DCI long-caption retrieval",
     "docci": "DOCCI long-caption retrieval (test split)",
