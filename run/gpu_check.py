@@ -60,7 +60,7 @@ PY = sys.executable
 ROI_TESTS = ["tests/test_roi_align.py"]
 LOSS_TESTS = ["tests/test_contrastive_kernels.py", "tests/test_losses.py"]
 ATTENTION_TESTS = ["tests/test_attention.py", "tests/test_model.py"]
-DALI_TESTS = ["tests/test_loader.py"]
+DALI_TESTS = ["tests/test_loader.py", "tests/test_naflex_dali.py"]
 # The one tile every Triton loss kernel uses in the check: autotuning over GPU_TILES would JIT
 # 3-4 binaries per kernel variant and shape class (176-212 in the loss tests).
 LOSS_TILE = {"FGCLIP_LOSS_TILE": "64,64,4,3"}

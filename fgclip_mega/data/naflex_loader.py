@@ -11,10 +11,14 @@ between windows is bounded (see budget_groups.py).
 Reading: every rank reads the (small) `image_sizes` rows of every window it groups; JPEG bytes
 (the bulk) only for its own samples; texts and boxes per read block holding one of its samples,
 which with DP ranks sharing each window is most blocks: DP x v1's reads of those (small) arrays,
-where v1's ranks read disjoint shard ranges. Decoding is PIL (a thread
-pool of data.num_threads); NaFlex resize/patchify is `naflex.pack_images` (equal to HF's
-Siglip2ImageProcessor); whole batches are assembled ahead in a background thread, up to
-data.prefetch_queue_depth. DALI NaFlex decoding is not implemented.
+where v1's ranks read disjoint shard ranges. JPEG bytes are read in a thread pool of
+data.num_threads and decoded as naflex_decode.py dispatches, like v1: DALI (data.loader auto
+where installed, or dali; naflex_dali.py) on the CPU or, with data.decode_device mixed/auto and
+a CUDA training device, by nvJPEG on that GPU; or PIL (the reference, in the same pool). NaFlex
+resize/patchify is `naflex.pack_images` (equal to HF's Siglip2ImageProcessor) on the decoded
+images' device; whole batches are assembled ahead in a background thread, up to
+data.prefetch_queue_depth, and handed over on the training device (grids, sample ids and keys
+stay on the host).
 
 Texts are tokenized from the stored strings with the SigLIP 2 tokenizer (lowercased): short
 captions "a photo of " + caption (64), long captions (196), each box's phrase (short or long
@@ -29,7 +33,6 @@ samples are regrouped (nothing repeated or skipped).
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -50,6 +53,7 @@ from fgclip_mega.data.naflex import (
     native_patches,
     pack_images,
 )
+from fgclip_mega.data.naflex_decode import build_decoder
 from fgclip_mega.data.order import StreamOrder
 from fgclip_mega.data.shards import ShardReader, ShardSet, open_shard_set
 from fgclip_mega.data.siglip2_tokenizer import SHORT_CONTEXT, Siglip2Tokenizer
@@ -103,9 +107,14 @@ class NaFlexLoader:
         shards: ShardSet | None = None,
         num_threads: int | None = None,
         patience: int | None = None,
+        *,
+        device: torch.device | str = "cpu",
+        kind: str | None = None,
     ):
         """`tokenizer`, `max_budget`, `patience` default to data.tokenizer,
-        data.max_patch_budget, data.budget_patience; `patch_size` is the vision tower's."""
+        data.max_patch_budget, data.budget_patience; `patch_size` is the vision tower's.
+        `device` is the training device batches are returned on; `kind` ('dali' or 'pil')
+        overrides data.loader."""
         max_budget = cfg.max_patch_budget if max_budget is None else max_budget
         patience = cfg.budget_patience if patience is None else patience
         if patience == 0:
@@ -143,6 +152,9 @@ class NaFlexLoader:
         self._readers: OrderedDict[int, ShardReader] = OrderedDict()
         self._blocks: OrderedDict[tuple[str, int, int], dict] = OrderedDict()
         self._pool = ThreadPoolExecutor(max(1, num_threads or cfg.num_threads))
+        # The trainer passes its runtime's device (the one place that probes the accelerator).
+        self.device = torch.device(device)
+        self.decoder = build_decoder(cfg, self.device, self._pool, self.micro, kind)
         # Batches are assembled (read, decoded, tokenized, packed) ahead in one background thread,
         # up to data.prefetch_queue_depth; their samples stay in the state until consumed.
         self._assembler = ThreadPoolExecutor(1, thread_name_prefix="naflex-assemble")
@@ -254,15 +266,6 @@ class NaFlexLoader:
             "negs": [[str(t) for t in blk["neg_texts"][j][:k]] for j in rows],
         }
 
-    @staticmethod
-    def _decode(sample: dict) -> torch.Tensor:
-        from PIL import Image
-
-        reader, o0, o1 = sample["jpeg"]
-        jpeg = np.asarray(reader._a("image_bytes")[o0:o1]).tobytes()
-        img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
-
     # ------------------------------------------------------------------ batches
 
     def __iter__(self):
@@ -299,7 +302,7 @@ class NaFlexLoader:
 
     def _assemble(self, budget: int, items: list[tuple[int, int, int]]) -> NaFlexLoaded:
         samples = [self._sample(sid, epoch) for sid, epoch, _ in items]
-        images = list(self._pool.map(self._decode, samples))
+        images = self.decoder(samples)  # uint8 (3, H, W) each, on the decode device
         for s, img in zip(samples, images, strict=True):
             if (img.shape[2], img.shape[1]) != s["size"]:
                 # The batch's budget was chosen from the stored size: a wrong one would
@@ -339,7 +342,7 @@ class NaFlexLoader:
             sample_epochs=torch.tensor([it[1] for it in items], dtype=torch.int64),
             keys=[s["key"] for s in samples],
             budget=budget,
-        )
+        ).to(self.device)
 
     # ------------------------------------------------------------------ state
 
@@ -397,6 +400,7 @@ class NaFlexLoader:
     def close(self) -> None:
         self._drop_pending()
         self._assembler.shutdown(wait=True)
+        self.decoder.close()
         self._pool.shutdown(wait=True)
 
     def __enter__(self):
