@@ -14,6 +14,12 @@ Formats:
   fgclip   the released FG-CLIP layout: the same keys plus the long-text position tables,
            text_filip_projection and the region / hard-negative temperatures (and SigLIP's
            logit_bias when the run trains one); `checkpoint.init_from` and the evaluation read it.
+FG-CLIP 2 runs (model.family=fgclip2):
+  siglip2  config.json (Siglip2Config, NaFlex) + the SigLIP 2 towers, `text_model.head`, scale and
+           bias: `transformers.Siglip2Model.from_pretrained(OUT_DIR)`.
+  fgclip2  the released qihoo360/fg-clip2-* layout (model_type fgclip2): the same keys plus the
+           long position tables, longtext_head, boxtext_head, dense_feature_head and the two
+           fine-grained temperatures; `checkpoint.init_from` and the evaluation read it.
 Also written: fgclip_export.json (source checkpoint, step, format, the run's config).
 """
 
@@ -24,12 +30,14 @@ import json
 import sys
 from pathlib import Path
 
-FORMATS = {"hf-clip": "clip", "fgclip": "fgclip"}  # CLI name -> hf.py layout
+FORMATS = {"hf-clip": "clip", "fgclip": "fgclip", "siglip2": "siglip2", "fgclip2": "fgclip2"}
+FAMILY_FORMATS = {"fgclip": ("hf-clip", "fgclip"), "fgclip2": ("siglip2", "fgclip2")}
 WEIGHTS = "model.safetensors"
 
 
-def export_checkpoint(source: str | Path, out_dir: str | Path, fmt: str = "hf-clip") -> Path:
+def export_checkpoint(source: str | Path, out_dir: str | Path, fmt: str | None = None) -> Path:
     """Writes OUT_DIR/{config.json, model.safetensors, fgclip_export.json}; returns OUT_DIR.
+    `fmt` None = the family's HF format (hf-clip for FG-CLIP, siglip2 for FG-CLIP 2).
     Raises CheckpointError naming the path when `source` holds no intact training checkpoint."""
     import torch
     from safetensors.torch import save_file
@@ -42,7 +50,7 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, fmt: str = "hf-cl
     from fgclip_mega.checkpoint.weights import training_checkpoint
     from fgclip_mega.config import Config, apply_dict
 
-    if fmt not in FORMATS:
+    if fmt is not None and fmt not in FORMATS:
         raise ValueError(f"--format: {fmt!r} is not one of {sorted(FORMATS)}")
     step_dir = training_checkpoint(source)
     if step_dir is None:
@@ -54,17 +62,41 @@ def export_checkpoint(source: str | Path, out_dir: str | Path, fmt: str = "hf-cl
     if not meta.get("config"):
         raise CheckpointError(f"{step_dir}: meta.json holds no config")
     cfg = apply_dict(Config(), meta["config"])
+    allowed = FAMILY_FORMATS[cfg.model.family]
+    fmt = allowed[0] if fmt is None else fmt
+    if fmt not in allowed:
+        raise CheckpointError(
+            f"{step_dir}: a model.family={cfg.model.family} run exports as --format "
+            f"{' or '.join(allowed)}, not {fmt}"
+        )
     full = integrity.load_torch(step_dir, "model.pt", integrity.read_manifest(step_dir))
-    state = hf_state_from_full(full, cfg.model, FORMATS[fmt])
+    if cfg.model.family == "fgclip2":
+        from fgclip_mega.checkpoint.hf_fgclip2 import fgclip2_state_from_full, siglip2_config
+
+        state = fgclip2_state_from_full(full, cfg.model, FORMATS[fmt])
+        config = siglip2_config(cfg.model)
+        config.architectures = ["Siglip2Model"] if fmt == "siglip2" else ["FG_CLIP2_Model"]
+    else:
+        state = hf_state_from_full(full, cfg.model, FORMATS[fmt])
+        config = clip_config(cfg.model)
+        # The released FG-CLIP checkpoints are CLIP configs whose model class is FG-CLIP's.
+        config.architectures = ["CLIPModel"] if fmt == "hf-clip" else ["FGCLIPModel"]
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    config = clip_config(cfg.model)
-    # The released FG-CLIP checkpoints are CLIP configs whose model class is FG-CLIP's.
-    config.architectures = ["CLIPModel"] if fmt == "hf-clip" else ["FGCLIPModel"]
     dtypes = {t.dtype for t in state.values()}
     config.torch_dtype = str(dtypes.pop()).removeprefix("torch.") if len(dtypes) == 1 else None
     config.save_pretrained(out)
+    if fmt == "fgclip2":  # upstream's Fgclip2Config: SigLIP 2's plus the long-text fields
+        written = json.loads((out / "config.json").read_text())
+        written["model_type"] = "fgclip2"
+        written["text_config"].update(
+            model_type="fgclip2_text_model",
+            keep_len=cfg.model.text.long_position_split,
+            longtext_len=cfg.model.text.long_context,
+        )
+        written["vision_config"]["model_type"] = "fgclip2_vision_model"
+        (out / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
     tensors = {k: v.contiguous() for k, v in state.items()}
     save_file(tensors, str(out / WEIGHTS), metadata={"format": "pt"})  # transformers checks it
     provenance = {
@@ -90,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("source", metavar="RUN_OR_CHECKPOINT")
     parser.add_argument("out_dir", metavar="OUT_DIR")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="hf-clip")
+    parser.add_argument(
+        "--format", choices=sorted(FORMATS), default=None,
+        help="default: hf-clip for an FG-CLIP run, siglip2 for an FG-CLIP 2 run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     from fgclip_mega.cli import setup_logging
 

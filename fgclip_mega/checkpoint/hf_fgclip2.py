@@ -154,3 +154,62 @@ def export_fgclip2_state_dict(model: nn.Module, layout: str = "fgclip2") -> dict
             for key, part in zip(keys, full.chunk(len(keys), 0), strict=True):
                 out[key] = part.clone()
     return out
+
+
+def fgclip2_state_from_full(
+    full: dict[str, torch.Tensor], cfg: ModelConfig, layout: str = "fgclip2"
+) -> dict[str, torch.Tensor]:
+    """Our full (unsharded) parameters by name (a training checkpoint's model.pt) -> the HF-layout
+    state dict, without a model or process group; layouts as `export_fgclip2_state_dict`. A name
+    missing from `full` or unknown to the key map raises naming it."""
+    if layout not in ("fgclip2", "siglip2"):
+        raise ValueError(f"layout must be 'fgclip2' or 'siglip2', got {layout!r}")
+    mapping = key_map(cfg)
+    wanted = {n for n in mapping if not (layout == "siglip2" and n in EXTRAS)}
+    missing, unexpected = sorted(wanted - set(full)), sorted(set(full) - set(mapping))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"weights do not match the FG-CLIP 2 model config: missing {missing[:8]}, "
+            f"unexpected {unexpected[:8]}"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for name in sorted(wanted):
+        keys, tensor = mapping[name], full[name]
+        if name in _VECTOR_SCALARS:
+            tensor = tensor.reshape(1)
+        parts = tensor.chunk(len(keys), dim=0) if len(keys) > 1 else [tensor]
+        for key, part in zip(keys, parts, strict=True):
+            out[key] = part.clone()
+    return out
+
+
+def siglip2_config(cfg: ModelConfig):
+    """transformers' Siglip2Config of a FG-CLIP 2 model config (NaFlex towers: the learnt
+    position table has (image_size / patch_size)^2 rows; the text table short_context rows)."""
+    from transformers import Siglip2Config
+
+    v, t = cfg.vision, cfg.text
+    act = {"gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
+    return Siglip2Config(
+        text_config=dict(
+            vocab_size=t.vocab_size,
+            hidden_size=t.width,
+            intermediate_size=t.mlp_width,
+            num_hidden_layers=t.layers,
+            num_attention_heads=t.heads,
+            max_position_embeddings=t.short_context,
+            hidden_act=act[t.activation],
+            layer_norm_eps=t.layer_norm_eps,
+            projection_size=t.width,
+        ),
+        vision_config=dict(
+            hidden_size=v.width,
+            intermediate_size=v.mlp_width,
+            num_hidden_layers=v.layers,
+            num_attention_heads=v.heads,
+            num_patches=(v.image_size // v.patch_size) ** 2,
+            patch_size=v.patch_size,
+            hidden_act=act[v.activation],
+            layer_norm_eps=v.layer_norm_eps,
+        ),
+    )
