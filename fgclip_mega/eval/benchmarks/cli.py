@@ -3,7 +3,10 @@
 Scores a checkpoint on a public benchmark in the benchmark's own file format with FG-CLIP's
 published protocol, distributed over data-parallel ranks under torchrun (the same numbers at
 any number of ranks), and writes <out>/<task>.json (metrics, counts, skips, the measured
-no-information level and the protocol used) and <out>/<task>.md.
+no-information level, the checkpoint family and the protocol used) and <out>/<task>.md.
+The family (FG-CLIP v1 / HF CLIP, or FG-CLIP 2 / HF SigLIP 2 NaFlex) comes from the checkpoint's
+config.json (or a training checkpoint's saved config); each has its upstream protocol defaults
+(protocol.py).
 """
 
 from __future__ import annotations
@@ -51,10 +54,39 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", help="Karpathy / DOCCI split")
     p.add_argument("--captions-per-image", type=int, default=5, help="coco, flickr30k")
     p.add_argument("--classnames", default="", help="imagenet: one class name per line")
-    g = p.add_argument_group("protocol (defaults: upstream FG-CLIP v1's; echoed in the JSON)")
-    g.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
-    g.add_argument("--resize", choices=("squash", "shortest-crop"), default=None)
-    g.add_argument("--text-length", type=int, default=None, help="default 248 long, 77 else")
+    p.add_argument(
+        "--tokenizer",
+        default="",
+        help="FG-CLIP 2: the SigLIP 2 tokenizer.json (or its folder); default: the one beside "
+        "the checkpoint",
+    )
+    g = p.add_argument_group("protocol (defaults: upstream's for the family; echoed in the JSON)")
+    g.add_argument("--image-size", type=int, default=None, help="v1; default: the checkpoint's")
+    g.add_argument("--resize", choices=("squash", "shortest-crop"), default=None, help="v1")
+    g.add_argument(
+        "--text-length",
+        type=int,
+        default=None,
+        help="default v1: 248 long, 77 else; v2: 196 long, 64 else",
+    )
+    g.add_argument(
+        "--patch-budget",
+        choices=("dynamic", "fixed"),
+        default=None,
+        help="FG-CLIP 2: per-image budget (default; imagenet: fixed)",
+    )
+    g.add_argument(
+        "--max-num-patches",
+        type=int,
+        default=None,
+        help="FG-CLIP 2: largest patch budget (default 1024)",
+    )
+    g.add_argument(
+        "--text-head",
+        choices=("short", "long", "box"),
+        default=None,
+        help="FG-CLIP 2: text head of the task's texts (default: upstream's walk_type)",
+    )
     g.add_argument("--templates", choices=("openai", "simple"), default=None)
     g.add_argument(
         "--prompt-ensemble",
@@ -84,7 +116,60 @@ def run_task(encoder, args, protocol, group) -> dict:
     return retrieval.run(encoder, args, protocol, group, args.task)
 
 
-def make_protocol(args, model_image_size: int, long_context: int = 248):
+V2_OPTIONS = ("tokenizer", "patch_budget", "max_num_patches", "text_head")
+V1_OPTIONS = ("image_size", "resize")
+EVAL_BUDGETS = (128, 256, 576, 784, 1024, 4096)  # the training budgets and upstream's 4096
+
+
+def _given(args, names) -> list[str]:
+    return [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) not in (None, "")]
+
+
+def make_protocol(args, model_image_size: int, long_context: int = 248, text=None, family=None):
+    """The task's protocol for the checkpoint's family: upstream's defaults, then the options
+    given. An option of the other family is an error naming it. `text` (the model's TextConfig)
+    is needed for FG-CLIP 2."""
+    if family == "fgclip2":
+        return _make_protocol_v2(args, text)
+    if wrong := _given(args, V2_OPTIONS):
+        raise ConfigError(f"{', '.join(wrong)}: only for FG-CLIP 2 checkpoints")
+    return _make_protocol_v1(args, model_image_size, long_context)
+
+
+def _make_protocol_v2(args, text):
+    from fgclip_mega.eval.benchmarks.protocol import fgclip2_protocol_defaults
+
+    if wrong := _given(args, V1_OPTIONS):
+        raise ConfigError(
+            f"{', '.join(wrong)}: not for FG-CLIP 2 checkpoints (NaFlex keeps each image's "
+            "aspect ratio; use --max-num-patches / --patch-budget)"
+        )
+    if args.max_num_patches is not None and args.max_num_patches not in EVAL_BUDGETS:
+        raise ConfigError(
+            f"--max-num-patches {args.max_num_patches}: must be one of {list(EVAL_BUDGETS)}"
+        )
+    protocol = fgclip2_protocol_defaults(
+        args.task,
+        text_head=args.text_head,
+        text_length=args.text_length,
+        patch_budget=args.patch_budget,
+        max_num_patches=args.max_num_patches,
+        templates=args.templates,
+        prompt_ensemble=args.prompt_ensemble,
+        box_format=args.box_format,
+        box_features=args.box_features,
+    )
+    # The towers pool the last position: texts are padded to the head's full length.
+    want = text.long_context if protocol.text_head == "long" else text.short_context
+    if protocol.text_length != want:
+        raise ConfigError(
+            f"--text-length {protocol.text_length}: FG-CLIP 2's {protocol.text_head} texts are "
+            f"padded to {want} tokens (the last position is pooled)"
+        )
+    return protocol
+
+
+def _make_protocol_v1(args, model_image_size: int, long_context: int):
     from fgclip_mega.eval.benchmarks.protocol import LONG, SHORT, protocol_defaults
 
     if args.text_length is not None and not 2 <= args.text_length <= long_context:
@@ -110,14 +195,16 @@ def make_protocol(args, model_image_size: int, long_context: int = 248):
 def main(argv: list[str] | None = None) -> int:
     from fgclip_mega.checkpoint import CheckpointError
     from fgclip_mega.cli import setup_logging
+    from fgclip_mega.data.siglip2_tokenizer import TokenizerError
     from fgclip_mega.eval.benchmarks.common import BenchmarkError
     from fgclip_mega.runtime import GPUUnusableError
 
     args = parser().parse_args(argv)
     rank = setup_logging()
+    bad_input = (ConfigError, CheckpointError, BenchmarkError, FileNotFoundError, TokenizerError)
     try:
         result = evaluate(args)
-    except (ConfigError, CheckpointError, BenchmarkError, FileNotFoundError, GPUUnusableError) as e:
+    except (*bad_input, GPUUnusableError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
@@ -133,14 +220,19 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args, state=None) -> dict:
     """One task. Sets up (and tears down) the process groups unless given a ParallelState
     (several tasks in one launch: the tests)."""
-    from fgclip_mega.eval.__main__ import _load, model_config
-    from fgclip_mega.eval.benchmarks.engine import ModelEncoder
+    from fgclip_mega.eval.__main__ import model_config
+    from fgclip_mega.eval.benchmarks.loading import load_model, make_encoder, tokenizer_for
     from fgclip_mega.eval.benchmarks.report import markdown
     from fgclip_mega.parallel import destroy_parallel, init_parallel
 
     log = logging.getLogger("fgclip_mega.eval.benchmarks")
     cfg, step_dir = model_config(args.checkpoint, args.preset, args.overrides)
-    protocol = make_protocol(args, cfg.model.vision.image_size, cfg.model.text.long_context)
+    m = cfg.model
+    protocol = make_protocol(
+        args, m.vision.image_size, m.text.long_context, text=m.text, family=m.family
+    )
+    # Before any process group or weights: a bad tokenizer path fails at once, naming it.
+    tokenizer = tokenizer_for(cfg, args.checkpoint, args.tokenizer)
     if args.compare_golden:
         from fgclip_mega.eval.benchmarks.golden import check_model
 
@@ -151,13 +243,14 @@ def evaluate(args, state=None) -> dict:
         state = init_parallel(cfg, seed=cfg.train.seed)
     try:
         cfg.validate(world_size=state.world_size)
-        model = _load(cfg, step_dir, args.checkpoint, state, log)
-        encoder = ModelEncoder(model, state.runtime)
+        model = load_model(cfg, step_dir, args.checkpoint, state, log)
+        encoder = make_encoder(model, state.runtime, protocol, tokenizer)
         result = run_task(encoder, args, protocol, state.dp_group)
         result.update(
             task=args.task,
             data=str(args.data),
             checkpoint=str(step_dir or args.checkpoint),
+            family=cfg.model.family,
             protocol=protocol.as_dict(),
             layout={"tp": state.tp_size, "dp": state.dp_size},
             wall_s=time.perf_counter() - t0,

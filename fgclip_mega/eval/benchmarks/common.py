@@ -16,7 +16,6 @@ from fgclip_mega.eval.benchmarks.protocol import (
     Protocol,
     normalised_box,
     open_rgb,
-    pixels,
 )
 
 
@@ -91,8 +90,10 @@ def _crop_box(box, nb: list[float], w: int, h: int, box_format: str):
     return (x, y, x + bw, y + bh) if bw > 0 and bh > 0 else None
 
 
-def _prepare(job: ImageJob, protocol: Protocol, global_features: bool, skip_missing: bool):
-    """(record, full-image pixels or None, [(box slot, normalised box or crop pixels)])."""
+def _prepare(encoder, job: ImageJob, protocol: Protocol, global_features: bool, skip_missing: bool):
+    """(record, the full image prepared for the model or None, [(box slot, normalised box or
+    the prepared crop)]); images are prepared by `encoder.prepare` (v1: resized to S x S; v2:
+    NaFlex patches at the image's own budget)."""
     try:
         img = open_rgb(job.path)
     except FileNotFoundError:
@@ -101,7 +102,7 @@ def _prepare(job: ImageJob, protocol: Protocol, global_features: bool, skip_miss
         return {"missing": True}, None, []
     w, h = img.size
     roi = protocol.box_features == "roi"
-    full = pixels(img, protocol) if global_features or (job.boxes and roi) else None
+    full = encoder.prepare(img) if global_features or (job.boxes and roi) else None
     parts = []
     for j, box in enumerate(job.boxes):
         nb = normalised_box(box, w, h, protocol.box_format)
@@ -110,7 +111,7 @@ def _prepare(job: ImageJob, protocol: Protocol, global_features: bool, skip_miss
         if roi:
             parts.append((j, nb))
         elif (c := _crop_box(box, nb, w, h, protocol.box_format)) is not None:
-            parts.append((j, pixels(img.crop(c), protocol)))
+            parts.append((j, encoder.prepare(img.crop(c))))
     return {"boxes": [None] * len(job.boxes)}, full, parts
 
 
@@ -128,15 +129,18 @@ def encode_images(
     """Per job: {"missing": True} (only with skip_missing, else FileNotFoundError), or
     {"image": (P,) or None, "boxes": [(P,) or None for each box]}, None for a box with no area,
     outside the image (see normalised_box) or, cropped, under a pixel. Box features follow
-    protocol.box_features. Images are decoded and resized in `threads` threads (PIL releases
-    the GIL there); the result does not depend on their number."""
+    protocol.box_features. Images are decoded and prepared in `threads` threads (PIL and torch
+    release the GIL there); the result does not depend on their number."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(max(1, threads))
 
     def fn(a: int, b: int) -> list[dict]:
         prepared = list(
-            pool.map(lambda j: _prepare(j, protocol, global_features, skip_missing), jobs[a:b])
+            pool.map(
+                lambda j: _prepare(encoder, j, protocol, global_features, skip_missing),
+                jobs[a:b],
+            )
         )
         full, slots, rois, crops, box_slots = [], [], [], [], []
         for i, (_, pix, parts) in enumerate(prepared):
@@ -151,13 +155,12 @@ def encode_images(
                 box_slots.append((i, j))
         image_emb = region_emb = None
         if full:
-            stack = torch.stack(full)
             if global_features:
-                image_emb = encoder.images(stack)
+                image_emb = encoder.images(full)
             if rois:
-                region_emb = encoder.regions(stack, torch.tensor(rois, dtype=torch.float32))
+                region_emb = encoder.regions(full, torch.tensor(rois, dtype=torch.float32))
         if crops:
-            region_emb = encoder.images(torch.stack(crops))
+            region_emb = encoder.images(crops)
         records = [rec for rec, _, _ in prepared]
         for k, (i, j) in enumerate(box_slots):
             records[i]["boxes"][j] = region_emb[k].clone()

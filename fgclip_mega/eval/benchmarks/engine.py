@@ -60,12 +60,16 @@ def map_batches(
 
 
 class ModelEncoder:
-    """The three model calls the benchmarks make, under the run's autocast, returning fp32 CPU
-    embeddings (not normalised)."""
+    """FG-CLIP v1: the model calls the benchmarks make, under the run's autocast, returning fp32
+    CPU embeddings (not normalised). `prepare` turns a PIL image into the model's input as the
+    protocol resizes it (a (3, S, S) tensor); the NaFlex twin is naflex_encoder.NaFlexEncoder."""
 
-    def __init__(self, model, runtime=None):
+    family = "fgclip"
+
+    def __init__(self, model, runtime=None, protocol=None):
         self.model = model.eval()
         self.runtime = runtime
+        self.protocol = protocol
         self.device = next(model.parameters()).device
         self.short_context = model.cfg.text.short_context
         self.long_context = model.cfg.text.long_context
@@ -74,19 +78,31 @@ class ModelEncoder:
     def _ctx(self):
         return self.runtime.autocast() if self.runtime is not None else contextlib.nullcontext()
 
-    @torch.no_grad()
-    def images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) -> (B, P) global image embeddings."""
-        with self._ctx():
-            return self.model.encode_image(pixels.to(self.device)).float().cpu()
+    def prepare(self, img) -> torch.Tensor:
+        """PIL RGB image -> (3, S, S) as the protocol resizes it (runs in decode threads)."""
+        from fgclip_mega.eval.benchmarks.protocol import pixels
+
+        return pixels(img, self.protocol)
 
     @torch.no_grad()
-    def regions(self, pixels: torch.Tensor, rois: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S), rois (R, 5) [image, x1, y1, x2, y2] normalised -> (R, P) RoI features
-        of FG-CLIP's dense map (the last block's value path, post-norm, projection)."""
+    def images(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        """B prepared images -> (B, P) global image embeddings."""
         with self._ctx():
-            dense = self.model.dense_features(pixels.to(self.device))
+            return self.model.encode_image(torch.stack(items).to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def regions(self, items: Sequence[torch.Tensor], rois: torch.Tensor) -> torch.Tensor:
+        """B prepared images, rois (R, 5) [image, x1, y1, x2, y2] normalised -> (R, P) RoI
+        features of FG-CLIP's dense map (the last block's value path, post-norm, projection)."""
+        with self._ctx():
+            dense = self.model.dense_features(torch.stack(items).to(self.device))
             return self.model.region_embeddings(dense, rois).float().cpu()
+
+    def tokenize(self, texts: Sequence[str], length: int) -> torch.Tensor:
+        """(T, length) CLIP BPE tokens, cut with EOT as HF's truncation=True."""
+        from fgclip_mega.data.tokenizer import tokenize
+
+        return torch.from_numpy(tokenize(list(texts), length)).long()
 
     @torch.no_grad()
     def texts(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -102,13 +118,12 @@ class ModelEncoder:
 def encode_texts(
     encoder, texts: Sequence[str], length: int, batch_size: int, group=None
 ) -> torch.Tensor:
-    """(len(texts), P) embeddings of `texts` tokenized at `length` (CLIP BPE, cut with EOT as
-    HF's truncation=True), distributed like every other batch."""
-    from fgclip_mega.data.tokenizer import tokenize
+    """(len(texts), P) embeddings of `texts` tokenized at `length` by the encoder's tokenizer
+    (v1: CLIP BPE; v2: the checkpoint's SigLIP 2 tokenizer, lowercased), distributed like every
+    other batch."""
 
     def fn(a: int, b: int) -> list[torch.Tensor]:
-        tokens = torch.from_numpy(tokenize(list(texts[a:b]), length)).long()
-        return list(encoder.texts(tokens))
+        return list(encoder.texts(encoder.tokenize(texts[a:b], length)))
 
     rows = map_batches(len(texts), batch_size, fn, group, "texts")
     return torch.stack(rows) if rows else torch.zeros(0, 0)
