@@ -150,6 +150,9 @@ def memory_plans(
     from fgclip_mega.train.batching import plan_batch
 
     out: dict = {"gpu_memory_gb": gpu_memory_gb, "world_size": world_size}
+    cfg = make_preset(preset)
+    if cfg.model.family == "fgclip2":  # NaFlex: images hold up to this many patches
+        out["patch_budget"] = cfg.data.max_patch_budget
     for stage in ("global", "regional"):
         per_stage = {}
         for variant in ("preset", "toggled"):
@@ -180,6 +183,9 @@ def _print_memory(preset: str, plans: dict) -> None:
         f"\nmemory per GPU of preset {preset!r} on {plans['world_size']} GPUs of "
         f"{plans['gpu_memory_gb']:g} GB ({plans['gpu_memory_gb'] * 1e9 / GIB:.1f} GiB):"
     )
+    if "patch_budget" in plans:
+        print(f"  every image at data.max_patch_budget={plans['patch_budget']} patches: the "
+              "worst case (a batch gets the smallest budget its largest image fits)")  # fmt: skip
     for stage in ("global", "regional"):
         for variant, p in plans[stage].items():
             label = f"stage {stage}, {'as preset' if variant == 'preset' else 'toggled'}"

@@ -21,6 +21,11 @@ from fgclip_mega.config import (
 FGCLIP_GLOBAL_BATCH = 32768
 """FG-CLIP's batch (both stages); each rank's micro-batch and accumulation derive from it."""
 
+FGCLIP2_GLOBAL_BATCH = 4096
+"""FG-CLIP 2's batch: upstream scripts/train/stage2_fgclip2.sh trains with
+per_device_train_batch_size 512 x train_use_word_size 8 GPUs x gradient_accumulation_steps 1
+(commit b1af1cd). Upstream has no stage-1 script; the presets use the same batch for both."""
+
 
 def fgclip_vit_b16() -> Config:
     """FG-CLIP ViT-B/16 at 224 px: text 12 layers of width 512, projection 512; bf16 on GPUs.
@@ -101,6 +106,12 @@ def fgclip2_base_naflex() -> Config:
     )
     cfg.model.text = _siglip2_text(768, 12, 12, 3072)
     cfg.model.projection_dim = 768
+    # Global batch 4096 (FGCLIP2_GLOBAL_BATCH), micro-batch from the memory estimate at the
+    # worst-case patch budget 1024 (`python -m fgclip_mega.env --preset fgclip2_base_naflex`):
+    # on 64 x 80 GB the whole 64 per rank in stage 1 and 32 x 2 accumulation steps in stage 2
+    # without activation checkpointing (either costs one extra forward in stage 2).
+    cfg.train.global_batch_size = FGCLIP2_GLOBAL_BATCH
+    cfg.data.micro_batch_size = 0
     return _fgclip2(cfg)
 
 
@@ -112,6 +123,13 @@ def fgclip2_so400m_naflex() -> Config:
     )
     cfg.model.text = _siglip2_text(1152, 27, 16, 4304)
     cfg.model.projection_dim = 1152
+    # Global batch 4096, micro-batch from the memory estimate at patch budget 1024. Block
+    # checkpointing (upstream trains with gradient_checkpointing too): on 64 x 80 GB both
+    # stages then fit the whole 64 per rank in one micro-batch; without it stage 1 needs 32 x 2
+    # and stage 2 8 x 8 (the 3072 box and hard-negative texts of 64 samples dominate).
+    cfg.train.global_batch_size = FGCLIP2_GLOBAL_BATCH
+    cfg.data.micro_batch_size = 0
+    cfg.parallel.activation_checkpointing = True
     return _fgclip2(cfg)
 
 

@@ -231,6 +231,7 @@ def training_flops(
     boxes: int | None = None,
     hard_boxes: int | None = None,
     backward: bool = True,
+    patches: int | None = None,
 ) -> FlopReport:
     """FLOPs of one micro-batch on one data-parallel rank (summed over its TP group).
 
@@ -239,7 +240,10 @@ def training_flops(
     train.stage; long_len / short_len: token length of the long / all short texts after the
     loader's trimming (default the full contexts); boxes: valid boxes in the micro-batch (default
     batch_size * max_boxes); hard_boxes: those of them with hard negatives (default all);
-    backward False: forward only (evaluation).
+    backward False: forward only (evaluation). FG-CLIP 2 (model.family=fgclip2,
+    profiling/flops_fgclip2.py): patches = the batch's patch budget N (default
+    data.max_patch_budget); texts always run at their full lengths (long_len/short_len must be
+    left out or equal them).
     """
     m, t, v = cfg.model, cfg.model.text, cfg.model.vision
     b = _check("batch_size", cfg.data.micro_batch_size if batch_size is None else batch_size, 1,
@@ -248,6 +252,20 @@ def training_flops(
     stage = cfg.train.stage if stage is None else stage
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not one of {STAGES}")
+    if m.family == "fgclip2":
+        from fgclip_mega.profiling import flops_fgclip2
+        from fgclip_mega.profiling.memory_fgclip2 import check_texts
+
+        check_texts(cfg, long_len, short_len)
+        n = _check("patches", cfg.data.max_patch_budget if patches is None else patches, 1,
+                   1 << 24)  # fmt: skip
+        max_r = b * cfg.data.max_boxes
+        r = _check("boxes", max_r if boxes is None else boxes, 0, max_r)
+        h = _check("hard_boxes", r if hard_boxes is None else hard_boxes, 0, r)
+        parts = flops_fgclip2.training_flops(cfg, b, dp, stage, n, r, h, backward)
+        return FlopReport(parts, b, cfg.parallel.tensor_parallel_size, dp)
+    if patches is not None:
+        raise ValueError("patches is the FG-CLIP 2 patch budget (model.family=fgclip2)")
     long_len = _check("long_len", t.long_context if long_len is None else long_len, 1,
                       t.long_context)  # fmt: skip
     short_len = _check("short_len", t.short_context if short_len is None else short_len, 1,

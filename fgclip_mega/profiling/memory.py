@@ -51,6 +51,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from fgclip_mega.config import Config, TextConfig, VisionConfig
+from fgclip_mega.profiling import memory_fgclip2 as fgclip2
 
 GIB = 1024**3
 CONTEXT_BYTES = 3 * GIB
@@ -69,6 +70,11 @@ class Widths:
     """Model weights."""
     act: int
     """Activations (the compute dtype; the wider one when weights and compute differ)."""
+
+
+def embed_dim(cfg: Config) -> int:
+    """Width of the embeddings entering the objective (FG-CLIP 2: the towers', no projection)."""
+    return fgclip2.embed_dim(cfg) if cfg.model.family == "fgclip2" else cfg.model.projection_dim
 
 
 def widths(cfg: Config) -> Widths:
@@ -94,6 +100,8 @@ def block_params(width: int, mlp_width: int) -> tuple[int, int]:
 
 def parameter_counts(cfg: Config) -> dict[str, tuple[int, int]]:
     """Per part: (TP-sharded, replicated) parameter counts of the whole model."""
+    if cfg.model.family == "fgclip2":
+        return fgclip2.parameter_counts(cfg, block_params)
     v, t, p = cfg.model.vision, cfg.model.text, cfg.model.projection_dim
     vs, vr = block_params(v.width, v.mlp_width)
     ts, tr = block_params(t.width, t.mlp_width)
@@ -244,14 +252,25 @@ def activation_bytes(
     boxes: int | None = None,
     hard_boxes: int | None = None,
     attention: str = "sdpa",
+    patches: int | None = None,
+    canvas: int | None = None,
 ) -> dict[str, float]:
     """Saved-for-backward bytes of one micro-batch's forward (objective/forward.py
-    encode_batch), per part; arguments as `profiling.training_flops`."""
+    encode_batch, or forward_fgclip2.encode_naflex_batch), per part; arguments as
+    `profiling.training_flops`. FG-CLIP 2 only: `patches` the batch's patch budget (default
+    data.max_patch_budget, the worst case), `canvas` the cells of its region canvas (largest gh x
+    largest gw; default `patches`)."""
     m, t = cfg.model, cfg.model.text
     w = widths(cfg)
     stage = cfg.train.stage if stage is None else stage
     if stage not in STAGES:
         raise ValueError(f"stage={stage!r} is not one of {STAGES}")
+    if m.family == "fgclip2":
+        fgclip2.check_texts(cfg, long_len, short_len)
+        return fgclip2.activation_bytes(
+            cfg, batch, stage=stage, patches=patches, boxes=boxes, hard_boxes=hard_boxes,
+            attention=attention, canvas=canvas,
+        )  # fmt: skip
     regional = stage == "regional"
     long_len = t.long_context if long_len is None else long_len
     short_len = t.short_context if short_len is None else short_len
@@ -304,7 +323,7 @@ def loss_bytes(
     """(kept for backward, backward working set) of the objective over `rows` samples of this
     rank (the micro-batch, or the whole rank batch with accumulation): its input embeddings,
     their normalised copies, the gathered global-batch columns, the hard-negative candidates."""
-    p = cfg.model.projection_dim
+    p = embed_dim(cfg)
     w = widths(cfg)
     # loss_in_fp32 "auto" keeps bf16 on GPUs (the kernels accumulate in fp32)
     upcast = w.act != 4 and getattr(cfg.precision, "loss_in_fp32", True) is True
@@ -328,6 +347,8 @@ def loss_bytes(
         work += pairs * 2 * rows * cols * 4
     elif impl == "chunked":
         work += 3 * chunk * chunk * 4  # a logit tile, its exp and its gradient
+    if cfg.loss.recipe == "fgclip2":  # region InfoNCE, TIC and FGT
+        return fgclip2.loss_bytes(cfg, rows, dp_size, stage, impl, e, kept, work)
     if stage == "regional":
         r = rows * cfg.data.max_boxes
         k1 = 1 + cfg.data.num_hard_negatives
@@ -342,7 +363,7 @@ def loss_bytes(
 
 def grad_cache_bytes(cfg: Config, rows: int, stage: str) -> float:
     """The accumulated step's cached embeddings of `rows` samples, with their fp32 gradients."""
-    p = cfg.model.projection_dim
+    p = embed_dim(cfg)
     w = widths(cfg)
     n = 3 * rows
     if stage == "regional":
@@ -406,14 +427,19 @@ def memory_estimate(
     short_len: int | None = None,
     attention: str = "sdpa",
     loss_impl: str | None = None,
+    patches: int | None = None,
 ) -> MemoryReport:
     """Peak memory of one GPU of a step at this micro-batch and accumulation (see the module
-    docstring for what each part holds). loss_impl default: triton for 'auto' (the GPU path)."""
+    docstring for what each part holds). loss_impl default: triton for 'auto' (the GPU path).
+    FG-CLIP 2: `patches` is the patch budget, default data.max_patch_budget (the worst case a
+    batch can get), and texts always have their full lengths."""
     b = cfg.data.micro_batch_size if micro_batch_size is None else micro_batch_size
     if b < 1 or accumulation < 1 or dp_size < 1:
         raise ValueError(f"micro_batch_size={b}, accumulation={accumulation}, dp_size={dp_size}")
     stage = cfg.train.stage if stage is None else stage
     t = cfg.model.text
+    if cfg.model.family == "fgclip2":
+        long_len, short_len = fgclip2.check_texts(cfg, long_len, short_len)
     long_len = t.long_context if long_len is None else long_len
     short_len = t.short_context if short_len is None else short_len
     impl = loss_impl or ("triton" if cfg.loss.implementation == "auto" else cfg.loss.implementation)
@@ -427,11 +453,16 @@ def memory_estimate(
         "optimizer": n * (8 + main) / dp_opt,
     }
     acts = activation_bytes(
-        cfg, b, stage=stage, long_len=long_len, short_len=short_len, attention=attention
-    )
+        cfg, b, stage=stage, long_len=long_len, short_len=short_len, attention=attention,
+        patches=patches,
+    )  # fmt: skip
     r = b * cfg.data.max_boxes
     rows_short = b + (r * (2 + cfg.data.num_hard_negatives) if stage == "regional" else 0)
-    transient = backward_transient_bytes(cfg, b, stage, long_len, short_len, rows_short)
+    if cfg.model.family == "fgclip2":
+        n = cfg.data.max_patch_budget if patches is None else patches
+        transient = fgclip2.transient_bytes(cfg, b, stage, n)
+    else:
+        transient = backward_transient_bytes(cfg, b, stage, long_len, short_len, rows_short)
     kept, work = loss_bytes(cfg, b * accumulation, dp_size, stage, impl)
     activations = sum(acts.values())
     if accumulation == 1:  # the objective runs while the micro-batch's activations are held

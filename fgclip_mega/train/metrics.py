@@ -28,6 +28,8 @@ class Throughput:
         from fgclip_mega.profiling import training_flops
 
         regional = self.cfg.train.stage == "regional"
+        # FG-CLIP 2: the batch's own patch budget (NaFlexBatch pixels (B, N, 3 p^2))
+        naflex = self.cfg.model.family == "fgclip2"
         report = training_flops(
             self.cfg,
             batch_size=len(batch),
@@ -36,6 +38,7 @@ class Throughput:
             short_len=batch.short_tokens.shape[1],
             boxes=batch.region_rois.shape[0] if regional else None,
             hard_boxes=batch.hard_rows.shape[0] if regional else None,
+            patches=batch.pixels.shape[1] if naflex else None,
         )
         return {
             "model_flops_per_sample": report.model_per_sample,
