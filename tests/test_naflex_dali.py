@@ -196,8 +196,32 @@ def test_corrupt_jpeg_is_one_error_naming_the_sample(tmp_path, tokenizer_dir, ki
     msg = str(err.value)
     assert msg.startswith(f"{tmp_path / 'shard-000000.zarr'} row 2 (broken.jpg): the JPEG does")
     assert "\n" not in msg and kind.upper() in msg.upper()
-    if kind == "dali":
+    if kind == "dali":  # DALI's error gives no reason: PIL's verdict is added
         assert ld.decoder._pipe is None  # the failed pipeline was dropped
+        assert ": DALI cpu: " in msg and "; PIL: " in msg
+
+
+def test_dali_failure_of_a_whole_batch_blames_no_sample(tmp_path, tokenizer_dir, monkeypatch):
+    # A failure that is not one JPEG's (e.g. out of device memory) must not be pinned on the
+    # batch's first sample: each sample is retried alone, and only one failing alone is named.
+    from fgclip_mega.data.naflex_dali import DaliDecoder
+    from tests.test_naflex_loader import K
+
+    _write(tmp_path, {k: v for k, v in list(_odd_jpegs().items())[:2]})
+    real = DaliDecoder._run
+
+    def flaky(self, jpegs):
+        if len(jpegs) > 1:
+            raise RuntimeError("Critical error in pipeline:\nout of memory")
+        return real(self, jpegs)
+
+    monkeypatch.setattr(DaliDecoder, "_run", flaky)
+    cfg = _cfg(tmp_path, tokenizer_dir, micro_batch_size=2, num_hard_negatives=K, loader="dali")
+    with NaFlexLoader(cfg, patch_size=P, max_budget=MAX_BUDGET) as ld:
+        with pytest.raises(NaFlexError, match=r"DALI \(cpu\) failed on the batch \[(grey|cmyk)"
+                           r".jpg, (grey|cmyk).jpg\] although each JPEG decodes on its own: "
+                           r"Critical error in pipeline:$"):  # fmt: skip
+            next(ld)
 
 
 def test_decode_device_dispatch(synthetic, monkeypatch):

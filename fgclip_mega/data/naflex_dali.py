@@ -22,13 +22,14 @@ pipeline unusable.
 from __future__ import annotations
 
 import gc
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from fgclip_mega.data.naflex import NaFlexError
-from fgclip_mega.data.naflex_decode import read_jpeg, undecodable
+from fgclip_mega.data.naflex_decode import pil_verdict, read_jpeg, undecodable
 
 
 class DaliDecoder:
@@ -122,7 +123,8 @@ class DaliDecoder:
                 self._run([jpeg])
             except RuntimeError as e:
                 self.close()
-                return undecodable(sample, f"DALI {self.decode_device}: {_reason(e)}")
+                why = f"DALI {self.decode_device}: {_reason(e)}; {pil_verdict(jpeg)}"
+                return undecodable(sample, why)
         keys = ", ".join(s["key"] for s in samples)
         return NaFlexError(
             f"DALI ({self.decode_device}) failed on the batch [{keys}] although each JPEG "
@@ -138,8 +140,10 @@ class DaliDecoder:
 
 
 def _reason(err: Exception) -> str:
-    """The line of a DALI error that says what failed (it also quotes the pipeline's source)."""
+    """The line of a DALI error that says what failed (it also quotes the pipeline's source;
+    the decoder's own reason goes to stderr only), without its index in the batch."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    line = lines[0] if lines else type(err).__name__
     if "encountered:" in lines and lines.index("encountered:") + 1 < len(lines):
-        return lines[lines.index("encountered:") + 1]
-    return lines[0] if lines else type(err).__name__
+        line = lines[lines.index("encountered:") + 1]
+    return re.sub(r"\s*sample #\d+\s*:?\s*$", "", line) or line

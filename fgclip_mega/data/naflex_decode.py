@@ -46,6 +46,23 @@ def undecodable(sample: dict, reason: str) -> NaFlexError:
     return NaFlexError(f"{sample['where']} ({sample['key']}): the JPEG does not decode: {reason}")
 
 
+def pil_decode(jpeg: np.ndarray) -> torch.Tensor:
+    """(3, H, W) uint8 RGB; PIL's own exception for bad data."""
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(jpeg.tobytes())).convert("RGB")
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+def pil_verdict(jpeg: np.ndarray) -> str:
+    """What PIL makes of a JPEG another decoder refused (DALI's errors give no reason)."""
+    try:
+        pil_decode(jpeg)
+    except Exception as e:  # noqa: BLE001
+        return f"PIL: {type(e).__name__}: {e}"
+    return "PIL decodes it"
+
+
 class PilDecoder:
     """PIL in a thread pool: the reference decoder (what HF's processor is fed in the tests)."""
 
@@ -60,13 +77,10 @@ class PilDecoder:
 
     @staticmethod
     def _decode(sample: dict) -> torch.Tensor:
-        from PIL import Image
-
         try:
-            img = Image.open(io.BytesIO(read_jpeg(sample).tobytes())).convert("RGB")
+            return pil_decode(read_jpeg(sample))
         except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
             raise undecodable(sample, f"PIL: {type(e).__name__}: {e}") from None
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
     def close(self) -> None:
         pass
