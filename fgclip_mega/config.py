@@ -370,7 +370,11 @@ class Config:
         _require(d.storage_attempts >= 1, "data.storage_attempts", "must be >= 1")
         _require(d.storage_timeout_s > 0, "data.storage_timeout_s", "must be > 0")
         budgets = (128, 256, 576, 784, 1024)  # data.naflex.PATCH_BUDGETS (config is a leaf)
-        _require(d.max_patch_budget in budgets, "data.max_patch_budget", f"one of {budgets}")
+        _require(
+            d.max_patch_budget in budgets,
+            "data.max_patch_budget",
+            f"one of {budgets}, got {d.max_patch_budget}",
+        )
         _require(d.budget_patience >= 0, "data.budget_patience", "must be >= 0 (0 = auto)")
         loss = self.loss
         _require(loss.chunk_size >= 1, "loss.chunk_size", "must be >= 1")
@@ -428,6 +432,8 @@ class Config:
             ("data.eval_shards", self.data.eval_shards),
             ("checkpoint.init_from", self.checkpoint.init_from),
             ("checkpoint.load", self.checkpoint.load),
+            # FG-CLIP 2's SigLIP 2 tokenizer (v1 ignores the field: its BPE is built in).
+            ("data.tokenizer", self.data.tokenizer if self.model.family == "fgclip2" else ""),
         ):
             # Shards at an object-store URL (s3://...) are checked when the loader opens them
             # (with retries); checkpoints are local paths.

@@ -354,11 +354,13 @@ def test_bad_input_is_named(dataset, tmp_path):
         state = loader.state_dict()
     with _loader(dataset, seed=8) as other, pytest.raises(ValueError, match="seed=7"):
         other.load_state_dict(state)
-    # An image smaller than one patch: named by shard and row when the window is grouped.
+    # An image smaller than one patch: named by shard, row and key when the window is grouped.
     write_shard(tmp_path / "shard-000000.zarr", [_sample(0, 40, 40), _sample(1, 5, 40)], K)
     write_index(tmp_path, [{"path": "shard-000000.zarr", "num_samples": 2}], {})
     with NaFlexLoader(_cfg(tmp_path, micro=1), tok, patch_size=P) as loader:
-        with pytest.raises(NaFlexError, match=r"shard-000000.zarr row 1: image of 5x40 px"):
+        with pytest.raises(
+            NaFlexError, match=r"shard-000000.zarr row 1 \(img001.jpg\): image of 5x40 px"
+        ):
             for _ in range(2):
                 next(loader)
     # A stored size that is not the JPEG's: the budget would be wrong, so it is an error.

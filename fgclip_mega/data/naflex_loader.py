@@ -233,7 +233,9 @@ class NaFlexLoader:
             try:
                 budgets.append(sample_budget(width, height, self.patch_size, self.budgets))
             except NaFlexError as e:
-                raise NaFlexError(f"{self.shards.paths[shard]} row {row}: {e}") from None
+                meta = self._block("meta", shard, row)  # the sample's key, read for the message
+                key = meta["keys"][row - meta["start"]]
+                raise NaFlexError(f"{self.shards.paths[shard]} row {row} ({key}): {e}") from None
         self.grouper.add_window(ids.tolist(), [epoch] * len(ids), budgets)
         self.cursor = (epoch, w + 1) if w + 1 < len(plan.window_blocks) else (epoch + 1, 0)
 

@@ -21,20 +21,24 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Every check that needs no process group or model, before the heavy imports.
         cfg = load_config(args.preset, args.config, args.overrides).check_paths()
+        _check_tokenizer(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from fgclip_mega.checkpoint import CheckpointError
+    from fgclip_mega.data.naflex import NaFlexError
+    from fgclip_mega.data.siglip2_tokenizer import TokenizerError
     from fgclip_mega.runtime import GPUUnusableError
     from fgclip_mega.train.loop import train
 
     try:
         result = train(cfg)
     except (
-        ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, GPUUnusableError
+        ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, GPUUnusableError,
+        TokenizerError, NaFlexError,
     ) as e:  # fmt: skip
         # A user error (a wrong path, a bad checkpoint, an impossible layout, a GPU this torch
-        # cannot use): one clear line.
+        # cannot use, a tokenizer that is none, an image NaFlex cannot take): one clear line.
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
@@ -47,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
         }
         print(json.dumps(summary))
     return 0
+
+
+def _check_tokenizer(cfg) -> None:
+    """FG-CLIP 2: data.tokenizer is read now (a light import), not after the model is built."""
+    if cfg.model.family != "fgclip2" or not cfg.data.tokenizer:
+        return  # v1 has its built-in BPE; an empty path means the synthetic set's own tokenizer
+    from fgclip_mega.data.siglip2_tokenizer import Siglip2Tokenizer, TokenizerError
+
+    try:
+        Siglip2Tokenizer(cfg.data.tokenizer)
+    except TokenizerError as e:
+        raise ConfigError(f"data.tokenizer: {e}") from None
 
 
 if __name__ == "__main__":
