@@ -252,3 +252,58 @@ def test_cli_on_a_fgclip2_run_equal_at_dp1_and_dp2(trained):
     assert one["box_classification"]["boxes"] == one["sizes"]["boxes"] > 0
     assert one["zero_shot"]["images"] == 12
     assert "| " in (tmp / "dp2" / "eval.md").read_text()
+
+
+def _export_hf(run, cfg, out):
+    """The run's last checkpoint as released FG-CLIP 2 files: model.safetensors (fg-clip2 key
+    layout), config.json (Siglip2Config), the tokenizer.json it was trained with."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from fgclip_mega.checkpoint.hf_fgclip2 import export_fgclip2_state_dict, siglip2_config
+    from fgclip_mega.checkpoint.weights import load_training_weights, training_checkpoint
+    from fgclip_mega.config import ParallelConfig
+    from fgclip_mega.models.fgclip2 import FGCLIP2Model
+    from fgclip_mega.parallel import destroy_parallel, init_parallel
+
+    out.mkdir()
+    init_parallel(ParallelConfig(), seed=0)
+    try:
+        model = FGCLIP2Model(cfg.model, ParallelConfig())
+        load_training_weights(model, training_checkpoint(str(run)))
+        state = {k: v.contiguous() for k, v in export_fgclip2_state_dict(model).items()}
+    finally:
+        destroy_parallel()
+    save_file(state, str(out / "model.safetensors"))
+    siglip2_config(cfg.model).to_json_file(str(out / "config.json"))
+    tokenizer = naflex_data(cfg)[0].tokenizer
+    shutil.copy(tokenizer, out / "tokenizer.json")
+
+
+@pytest.mark.slow
+def test_cli_on_released_fgclip2_files_equals_the_training_checkpoint(trained):
+    from fgclip_mega.config import ConfigError
+    from fgclip_mega.eval.__main__ import _parser, build_config
+
+    tmp, cfg, _ = trained
+    run, hf = tmp / "run_fgclip2_regional_fp32", tmp / "hf_release"
+    _export_hf(run, cfg, hf)
+    shape = ["model.vision.layers=1", "model.text.layers=1"]  # config.json says 1 layer
+    argv = ["--checkpoint", str(run), "--name", "trained", "--checkpoint", str(hf), "--name",
+            "released", "--preset", "fgclip2_tiny", "--synthetic-seed", "6",
+            "--synthetic-samples", "8", "--synthetic-dir", str(tmp / "eval_data"),
+            "--micro-batch", "4", "--out", str(tmp / "hf_eval"), *shape]  # fmt: skip
+    # Released weights read the tokenizer.json shipped beside them.
+    got, _ = build_config(_parser().parse_args(argv), str(hf), 6)
+    assert got.model.family == "fgclip2" and got.data.tokenizer == str(hf / "tokenizer.json")
+    assert _cli(argv) == 0
+    result = json.loads((tmp / "hf_eval" / "eval.json").read_text())
+    for r in result.values():
+        for key in ("wall_s", "checkpoint"):
+            r.pop(key)
+    assert result["trained"] == result["released"]
+    assert result["released"]["sizes"]["images"] == 8
+    (hf / "tokenizer.json").unlink()
+    with pytest.raises(ConfigError, match="no tokenizer.json beside the FG-CLIP 2 weights"):
+        build_config(_parser().parse_args(argv), str(hf), 6)

@@ -125,7 +125,21 @@ def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path 
         max_boxes=args.max_boxes,
         py_num_workers=0,
     )
+    if step_dir is None and cfg.model.family == "fgclip2" and not cfg.data.tokenizer:
+        cfg.data.tokenizer = _release_tokenizer(checkpoint)
     return cfg.validate(), step_dir
+
+
+def _release_tokenizer(checkpoint: str) -> str:
+    """The tokenizer.json shipped beside released FG-CLIP 2 / SigLIP 2 weights: their vocabulary
+    (never the synthetic set's own, which only models trained on it share)."""
+    where = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
+    if not (where / "tokenizer.json").is_file():
+        raise ConfigError(
+            f"data.tokenizer: no tokenizer.json beside the FG-CLIP 2 weights in {where}; "
+            "pass data.tokenizer=PATH (the release's tokenizer.json or its folder)"
+        )
+    return str(where / "tokenizer.json")
 
 
 def main(argv: list[str] | None = None) -> int:
