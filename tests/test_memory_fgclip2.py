@@ -64,7 +64,7 @@ def measure(net, b, regional: bool) -> int:
     return saved_bytes(forward, list(net.parameters()))[1]
 
 
-def estimate(cfg, b, regional: bool, attention: str = "sdpa") -> float:
+def estimate(cfg, b, regional: bool, attention: str = "sdpa", device: str = "cpu") -> float:
     parts = memory.activation_bytes(
         cfg,
         len(b),
@@ -74,6 +74,7 @@ def estimate(cfg, b, regional: bool, attention: str = "sdpa") -> float:
         hard_boxes=b.hard_rows.shape[0],
         attention=attention,
         canvas=max(h for h, _ in b.grids) * max(w for _, w in b.grids),
+        device=device,
     )
     return sum(parts.values())
 
@@ -125,6 +126,32 @@ def test_budget_scales_the_estimate(world):
     at_128 = memory.activation_bytes(cfg, 4, patches=128, **kwargs)
     assert default["image_blocks"] == 2 * at_128["image_blocks"]  # linear in N under SDPA
     assert default == memory.activation_bytes(cfg, 4, patches=256, **kwargs)
+
+
+@pytest.mark.parametrize("ckpt", ["none", "mlp", "block"])
+def test_cuda_attention_output_layout_imitated(world, monkeypatch, ckpt):
+    """device="cuda" counts the copy CUDA's masked SDPA (memory-efficient kernel: output
+    allocated (B, N, H, hd) contiguous) forces before the next Linear. Imitated on CPU by an SDPA
+    that returns its masked output in that layout; unmasked calls (the text towers: flash, whose
+    output follows q) are left alone."""
+    import torch.nn.functional as F
+
+    sdpa = F.scaled_dot_product_attention
+
+    def cuda_layout(q, k, v, attn_mask=None, *args, **kwargs):
+        out = sdpa(q, k, v, attn_mask, *args, **kwargs)  # (B, H, N, hd)
+        return out if attn_mask is None else out.transpose(1, 2).contiguous().transpose(1, 2)
+
+    cfg = small("fp32", ckpt)
+    net, b = model(cfg), batch(cfg)
+    cpu = {r: measure(net, b, r) for r in (False, True)}
+    monkeypatch.setattr(F, "scaled_dot_product_attention", cuda_layout)
+    for regional in (False, True):
+        measured = measure(net, b, regional)
+        assert measured == estimate(cfg, b, regional, device="cuda")
+        assert cpu[regional] == estimate(cfg, b, regional)
+        # block checkpointing keeps no attention output; the dense head always runs
+        assert (measured > cpu[regional]) == (ckpt != "block" or regional)
 
 
 def test_parameter_count_matches_the_built_model(world):

@@ -1,4 +1,5 @@
-"""Analytic FLOPs of one FG-CLIP training micro-batch, counted from the config.
+"""Analytic FLOPs of one FG-CLIP training micro-batch, counted from the config (FG-CLIP 2,
+model.family=fgclip2: profiling/flops_fgclip2.py, at the batch's patch budget).
 
 Convention (the one of `torch.utils.flop_counter.FlopCounterMode`): only matmuls, convolutions
 and attention products count, 2 FLOPs per multiply-add; layer norms, GELU, softmax, embedding

@@ -1,5 +1,10 @@
 """Analytic per-GPU memory of one FG-CLIP training step, counted from the config.
 
+FG-CLIP 2 (model.family=fgclip2) swaps in its own parameter counts, activations (NaFlex tower
+at the patch budget, MAP and dense heads, SigLIP 2 texts), working set and fine-grained loss
+terms from profiling/memory_fgclip2.py; the block formula, optimizer state, GradCache and the
+step's phases below are shared.
+
 What is counted follows the code (models/layers.py, vision.py, text.py, fgclip.py,
 objective/forward.py, objective/terms.py, losses/*, parallel/wrap.py, train/step.py):
 
@@ -254,12 +259,14 @@ def activation_bytes(
     attention: str = "sdpa",
     patches: int | None = None,
     canvas: int | None = None,
+    device: str = "cuda",
 ) -> dict[str, float]:
     """Saved-for-backward bytes of one micro-batch's forward (objective/forward.py
     encode_batch, or forward_fgclip2.encode_naflex_batch), per part; arguments as
     `profiling.training_flops`. FG-CLIP 2 only: `patches` the batch's patch budget (default
     data.max_patch_budget, the worst case), `canvas` the cells of its region canvas (largest gh x
-    largest gw; default `patches`)."""
+    largest gw; default `patches`), `device` the kernels' output layouts to count ("cuda", what
+    batches are sized for, or "cpu", what the tests measure; see memory_fgclip2)."""
     m, t = cfg.model, cfg.model.text
     w = widths(cfg)
     stage = cfg.train.stage if stage is None else stage
@@ -269,7 +276,7 @@ def activation_bytes(
         fgclip2.check_texts(cfg, long_len, short_len)
         return fgclip2.activation_bytes(
             cfg, batch, stage=stage, patches=patches, boxes=boxes, hard_boxes=hard_boxes,
-            attention=attention, canvas=canvas,
+            attention=attention, canvas=canvas, device=device,
         )  # fmt: skip
     regional = stage == "regional"
     long_len = t.long_context if long_len is None else long_len
@@ -428,6 +435,7 @@ def memory_estimate(
     attention: str = "sdpa",
     loss_impl: str | None = None,
     patches: int | None = None,
+    device: str = "cuda",
 ) -> MemoryReport:
     """Peak memory of one GPU of a step at this micro-batch and accumulation (see the module
     docstring for what each part holds). loss_impl default: triton for 'auto' (the GPU path).
@@ -454,7 +462,7 @@ def memory_estimate(
     }
     acts = activation_bytes(
         cfg, b, stage=stage, long_len=long_len, short_len=short_len, attention=attention,
-        patches=patches,
+        patches=patches, device=device,
     )  # fmt: skip
     r = b * cfg.data.max_boxes
     rows_short = b + (r * (2 + cfg.data.num_hard_negatives) if stage == "regional" else 0)

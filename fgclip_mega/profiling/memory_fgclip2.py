@@ -30,6 +30,15 @@ block_saved_bytes, with causal=False for both towers):
 Loss (`loss.recipe=fgclip2`): the global sigmoid terms and the region InfoNCE as v1's, TIC's
 fp32 normalised phrases, (R, R) mask and top-k, FGT's fp32 candidates (masked, normalised and
 packed as one (H (1+N), D) matrix) and its (H, H (1+N)) logits.
+
+CUDA output copy: on CUDA a masked attention keeps one more (B, N, D/tp) tensor than on CPU.
+SDPA with a mask runs the memory-efficient kernel, which allocates its output (B, N, H, hd)
+contiguous, so the (N, B, H*hd) view the next Linear needs (the NaFlex blocks' transpose, the
+MAP dense head's permute) is a copy, kept besides SDPA's own output; on CPU the output follows
+q's (N, B, H, hd) layout and the view is free. Counted for device="cuda" (the batch sizing) in
+every NaFlex block that keeps its attention and in the dense head; imitated on CPU in
+tests/test_memory_fgclip2.py by an SDPA returning that layout; not measured on a GPU. The text
+towers have no mask: flash allocates its output like q, no copy.
 """
 
 from __future__ import annotations
@@ -92,6 +101,7 @@ def vision_activation_bytes(
     boxes: int,
     hard_boxes: int,
     canvas: int | None,
+    device: str = "cuda",
 ) -> dict[str, float]:
     """models/naflex.py NaFlexVisionTower (+ FGCLIP2Model.region_embeddings); `m` is
     profiling.memory (the shared block formula), `w` its Widths."""
@@ -104,6 +114,9 @@ def vision_activation_bytes(
     # recomputed blocks hold it, during their backward).
     kept = sum(m._block_mode(cfg, i) != "block" for i in range(v.layers))
     blocks += kept * (b * n * w.act if attention != "math" else b * n)
+    copy = device == "cuda" and attention != "math"  # the CUDA output copy (docstring)
+    if copy and m._padded(n, sp) == n:  # (SP padding copies the output anyway)
+        blocks += kept * b * n * d / cfg.parallel.tensor_parallel_size * w.act
     full = m._padded(n, sp) * b * d * w.act  # the gathered tower output (with SP padding)
     tokens = b * n * d * w.act  # post-norm output, the heads' keys and values
     small = b * (4 * d + 2 * mw) * w.act + b * (h + 2) * 4  # the probe query's path
@@ -120,6 +133,7 @@ def vision_activation_bytes(
         per_token = (8 * d + 2 * mw + h) * w.act + h * 4 + 2 * 4
         cells = n if canvas is None else canvas
         out["dense"] = b * n * per_token + b * cells * 8 + boxes * 5 * 4 + hard_boxes * 8
+        out["dense"] += b * n * d * w.act if device == "cuda" else 0  # the CUDA output copy
     return out
 
 
@@ -150,9 +164,12 @@ def activation_bytes(
     hard_boxes: int | None,
     attention: str,
     canvas: int | None = None,
+    device: str = "cuda",
 ) -> dict[str, float]:
     from fgclip_mega.profiling import memory as m
 
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"device={device!r} is not 'cuda' or 'cpu'")
     w = m.widths(cfg)
     t = cfg.model.text
     n = cfg.data.max_patch_budget if patches is None else patches
@@ -162,7 +179,7 @@ def activation_bytes(
     k1 = 1 + cfg.data.num_hard_negatives
     vision = vision_activation_bytes(
         cfg, batch, n, m, w, attention, regional, r if regional else 0, hb if regional else 0,
-        canvas,
+        canvas, device,
     )  # fmt: skip
     out = {f"image_{k}": v for k, v in vision.items()}
     out["long_text"] = text_activation_bytes(cfg, batch, t.long_context, True, m, w, attention)
