@@ -621,6 +621,7 @@ def bad_input(tmp_path_factory):
     return results
 
 
+@pytest.mark.slow  # ~60 s for the six processes (the tiny-image one builds and starts training)
 @pytest.mark.parametrize(
     "case", ["missing", "empty_dir", "sentencepiece", "not_a_tokenizer", "budget", "tiny_image"]
 )
