@@ -219,3 +219,37 @@ def test_gpu_presets_plan_their_global_batch_on_64_gpus(make):
                                             accumulation=plan.accumulation // 2, dp_size=64,
                                             stage=stage)  # fmt: skip
             assert bigger.total > 80e9
+
+
+def test_env_prints_the_fgclip2_plan_and_its_patch_budget(capsys):
+    from fgclip_mega import env
+
+    plans = env.memory_plans("fgclip2_base_naflex", 64, 80.0)
+    assert plans["patch_budget"] == 1024
+    stage1, stage2 = plans["global"]["preset"], plans["regional"]["preset"]
+    assert (stage1["micro_batch_size"], stage1["accumulation"]) == (64, 1)
+    assert (stage2["micro_batch_size"], stage2["accumulation"]) == (32, 2)
+    assert "box_text" in stage2["micro_batch_activations_gib"]
+    env._print_memory("fgclip2_base_naflex", plans)
+    out = capsys.readouterr().out
+    assert "data.max_patch_budget=1024 patches: the worst case" in out
+    assert "global batch 4096 = micro-batch 64 x DP 64 x accumulation 1" in out
+
+
+def test_resolve_batch_sizes_fgclip2_from_its_estimate():
+    """data.micro_batch_size=0 on a FG-CLIP 2 config: the largest divisor of the rank's share
+    whose estimate fits train.device_memory_gb (at data.max_patch_budget)."""
+    from fgclip_mega.train.batching import resolve_batch
+
+    cfg = fgclip2_tiny()
+    cfg.train.global_batch_size, cfg.data.micro_batch_size = 64, 0
+    cfg.train.stage = "regional"
+    fits_8 = memory.memory_estimate(cfg, micro_batch_size=8, accumulation=4, dp_size=2).total
+    fits_16 = memory.memory_estimate(cfg, micro_batch_size=16, accumulation=2, dp_size=2).total
+    assert fits_8 < fits_16
+    cfg.train.device_memory_gb = (fits_8 + fits_16) / 2 / 1e9
+    resolved, plan = resolve_batch(cfg, 2)
+    assert (resolved.data.micro_batch_size, plan.accumulation) == (8, 4)
+    # The budget the plan sizes is data.max_patch_budget's.
+    cfg.data.max_patch_budget = 128
+    assert resolve_batch(cfg, 2)[1].estimate.total < plan.estimate.total
