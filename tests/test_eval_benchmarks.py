@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from tests import benchmark_fixtures as F
+from tests import benchmark_fixtures_v2 as F2
 from tests.distributed import run_distributed
 
 TASKS = ("fgovd", "fgovd-json", "coco-boxcls", "lvis-boxcls", "lvis-crop", "sharegpt4v", "dci",
@@ -27,6 +28,7 @@ def bench(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     images = F.write_images(root / "photos")
     ckpt = F.write_checkpoint(root / "ckpt")
+    F2.write_checkpoint(root / "ckpt2")  # an FG-CLIP 2 twin, for the DP=2 check of its path
     retrieval = F.write_retrieval(root, images)
     files = {
         "fgovd": {"data": F.write_fgovd(root / "coco", images), "image_root": root / "coco"},
@@ -377,13 +379,30 @@ def _all_tasks_dp(argvs: dict[str, list[str]]) -> None:
         destroy_parallel()
 
 
+# FG-CLIP 2's own code paths (NaFlex images and RoI, crops, the long/short/box heads, the
+# fixed ImageNet budget), run on the twin checkpoint in the same process group.
+V2_TASKS = ("fgovd", "lvis-crop", "dci", "coco", "imagenet")
+
+
+def _on_fgclip2(b, argv: list[str]) -> list[str]:
+    argv = list(argv)
+    argv[argv.index("--checkpoint") + 1] = str(b.root / "ckpt2")
+    return argv
+
+
 @pytest.mark.slow
 def test_every_task_gives_the_same_numbers_at_2_ranks(bench):
     single = {t: result(bench, t) for t in TASKS}
     argvs = {t: argv_of(bench, t, bench.root / "out2" / t) for t in TASKS}
-    run_distributed(_all_tasks_dp, 2, argvs, timeout=900)
-    for t in TASKS:
-        name = TASK_OF.get(t, t)
+    for t in V2_TASKS:
+        one = bench.root / "out1" / f"v2-{t}"
+        assert run_main(_on_fgclip2(bench, argv_of(bench, t, one))) == 0
+        single[f"v2-{t}"] = json.loads((one / f"{TASK_OF.get(t, t)}.json").read_text())
+        assert single[f"v2-{t}"]["family"] == "fgclip2"
+        argvs[f"v2-{t}"] = _on_fgclip2(bench, argv_of(bench, t, bench.root / "out2" / f"v2-{t}"))
+    run_distributed(_all_tasks_dp, 2, argvs, timeout=1200)
+    for t in argvs:
+        name = TASK_OF.get(t.removeprefix("v2-"), t.removeprefix("v2-"))
         two = json.loads((bench.root / "out2" / t / f"{name}.json").read_text())
         assert two["layout"]["dp"] == 2 and single[t]["layout"]["dp"] == 1
         for key in ("metrics", "levels", "skipped", "boxes", "images", "texts"):
