@@ -112,12 +112,14 @@ def model_config(
 def build_config(args, checkpoint: str, seed: int | None) -> tuple[Config, Path | None]:
     cfg, step_dir = model_config(checkpoint, args.preset, args.overrides)
     seed = seed if seed is not None else cfg.data.seed + 1000
+    # The two families' held-out sets differ (square scenes vs mixed sizes): separate caches.
+    family_tag = "" if cfg.model.family == "fgclip" else f"{cfg.model.family}_"
     cfg.data = dataclasses.replace(
         cfg.data,
         shards=args.data,
         micro_batch_size=args.micro_batch,
         synthetic_num_samples=args.synthetic_samples,
-        synthetic_dir=f"{args.synthetic_dir}/seed{seed}_n{args.synthetic_samples}",
+        synthetic_dir=f"{args.synthetic_dir}/{family_tag}seed{seed}_n{args.synthetic_samples}",
         seed=seed,
         region_text="short",  # each box's phrase is its attribute phrase
         # The evaluated set is the same whatever the training run used.
