@@ -235,23 +235,30 @@ def test_loss_flops_match_counter_single_process(impl):
     assert (f.extra > 0) == (impl == "chunked")  # tiles recomputed in backward
 
 
-def _dp2_loss_counts(impl: str) -> dict:
+def _dp2_loss_counts(impl: str) -> tuple[dict, dict]:
     from fgclip_mega.parallel import init_parallel
+    from tests.test_flops_fgclip2 import loss_counts
 
     state = init_parallel(ParallelConfig(), seed=0)
     assert state.dp_size == 2
     cfg = tiny(impl)
-    return _loss_counts(cfg, 6, 9 + state.dp_rank, 5, state.dp_group, seed=state.dp_rank)
+    v1 = _loss_counts(cfg, 6, 9 + state.dp_rank, 5, state.dp_group, seed=state.dp_rank)
+    # FG-CLIP 2's objective (sigmoid global terms over DP, TIC, FGT) in the same processes
+    return v1, loss_counts(6, 9 + state.dp_rank, 5, state.dp_group, seed=state.dp_rank)
 
 
 @pytest.mark.slow  # two spawned processes: 26-55 s on the shared 2-core machine
 def test_loss_flops_match_counter_data_parallel():
-    for rank, counts in enumerate(run_distributed(_dp2_loss_counts, 2, "chunked")):
+    from tests.test_flops_fgclip2 import loss_model
+
+    for rank, (counts, fg2) in enumerate(run_distributed(_dp2_loss_counts, 2, "chunked")):
         cfg = tiny("chunked")
         for backward in (False, True):
             f = _loss_model(cfg, 6, 9 + rank, 5, 2, backward)
             # Softmax over DP computes this rank's rows of S and of S^T: twice the model's b x B.
             assert counts[backward] == pytest.approx(f.hardware, rel=1e-2), (rank, backward, f)
+            g = loss_model(6, 9 + rank, 5, 2, backward)  # sigmoid: this rank's b x B once
+            assert fg2[backward] == pytest.approx(g.hardware, rel=1e-6), (rank, backward, g)
         assert f.hardware > f.model
 
 

@@ -136,3 +136,43 @@ def test_trainer_throughput_uses_the_batch_budget(world):
     want = analytic(cfg, batch, cfg.train.stage == "regional", True).model_per_sample
     assert got == want
     assert cfg.data.max_patch_budget == 256 != batch.pixels.shape[1]
+
+
+def loss_counts(b: int, r: int, h: int, dp_group, seed: int) -> dict[bool, int]:
+    """FlopCounterMode of the FG-CLIP 2 objective alone (sigmoid global terms, region InfoNCE,
+    TIC, FGT; chunked), forward and forward+backward; run by test_flops.py's DP=2 group."""
+    from fgclip_mega.objective import Embeddings, Objective
+
+    cfg = _cfg("chunked")
+    d, k1 = cfg.model.vision.width, 1 + cfg.data.num_hard_negatives
+    objective = Objective(cfg.loss, regional=True, impl="chunked", dp_group=dp_group)
+    temps = {n: torch.tensor(2.0, requires_grad=True) for n in objective.temperature_names()}
+    out = {}
+    for backward in (False, True):
+        g = torch.Generator().manual_seed(seed)
+        shapes = [(b, d)] * 3 + [(r, d)] * 2 + [(h, d), (h, k1, d)]
+        emb = Embeddings(*(torch.randn(*s, generator=g).requires_grad_() for s in shapes))
+        counter = _counter()
+        with counter:
+            total = objective(emb, temps).total
+            if backward:
+                total.backward()
+        out[backward] = counter.get_total_flops()
+    return out
+
+
+def loss_model(b: int, r: int, h: int, dp: int, backward: bool):
+    from fgclip_mega.profiling.flops import Flops
+
+    rep = training_flops(_cfg("chunked"), batch_size=b, dp_size=dp, stage="regional", boxes=r,
+                         hard_boxes=h, backward=backward)  # fmt: skip
+    names = ("loss_global", "loss_region", "loss_tic", "loss_fgt")
+    return sum((rep.parts[n] for n in names), Flops())
+
+
+def test_loss_flops_match_counter_single_process():
+    b, r, h = 6, 20, 17  # r <= b * max_boxes
+    counts = loss_counts(b, r, h, None, seed=0)
+    for backward in (False, True):
+        f = loss_model(b, r, h, 1, backward)
+        assert counts[backward] == pytest.approx(f.hardware, rel=1e-6), (backward, f)
