@@ -32,7 +32,8 @@ fp32 normalised phrases, (R, R) mask and top-k, FGT's fp32 candidates (masked, n
 packed as one (H (1+N), D) matrix) and its (H, H (1+N)) logits.
 
 CUDA output copy: on CUDA a masked attention keeps one more (B, N, D/tp) tensor than on CPU.
-SDPA with a mask runs the memory-efficient kernel, which allocates its output (B, N, H, hd)
+SDPA with a mask runs the memory-efficient kernel (torch 2.14's order: flash, which takes no
+mask, then memory-efficient, math, cuDNN), which allocates its output (B, N, H, hd)
 contiguous, so the (N, B, H*hd) view the next Linear needs (the NaFlex blocks' transpose, the
 MAP dense head's permute) is a copy, kept besides SDPA's own output; on CPU the output follows
 q's (N, B, H, hd) layout and the view is free. Counted for device="cuda" (the batch sizing) in
