@@ -172,8 +172,9 @@ def _count_by_phase(run):
             setattr(module, attr, value)
 
 
-def _counted_steps(tmp: Path, name: str, **overrides) -> list[dict]:
-    """Two train_steps of a fresh stage-2 run; per step the collectives of each phase."""
+def _counted_steps(tmp: Path, name: str, **overrides) -> dict:
+    """Two train_steps of a fresh stage-2 run: per step the collectives of each phase, and the
+    micro-batches per step."""
     from fgclip_mega.parallel import init_parallel
     from fgclip_mega.train.build import build_training_run
     from fgclip_mega.train.step import train_step
@@ -192,7 +193,7 @@ def _counted_steps(tmp: Path, name: str, **overrides) -> list[dict]:
     finally:
         run.loader.close()
         _next_layout()
-    return out
+    return {"accumulation": run.accumulation, "steps": out}
 
 
 def _collective_checks(tmp: Path) -> dict:
@@ -414,12 +415,14 @@ def four(shared_tmp):
 @pytest.mark.slow
 def test_collectives_per_step_do_not_grow_with_dp(two, four):
     for kind in ("plain", "accum", "overlap"):
+        for res in (*two, *four):
+            assert res["counts"][kind]["accumulation"] == (2 if kind == "accum" else 1), kind
         for step in range(2):
-            at2, at4 = two[0]["counts"][kind][step], four[0]["counts"][kind][step]
+            at2, at4 = two[0]["counts"][kind]["steps"][step], four[0]["counts"][kind]["steps"][step]
             assert at2 == at4, (kind, step, at2, at4)
             # Every rank issues the same calls (a mismatch would hang a real run).
             for res in (*two, *four):
-                assert res["counts"][kind][step] == at2, kind
+                assert res["counts"][kind]["steps"][step] == at2, kind
             # The counter sees the features' all-gather, the CMR margin's all-reduce in the
             # forward and megatron's gradient reduction in the backward.
             assert at2["forward"]["all_gather_into_tensor"] >= 1, (kind, at2)
@@ -427,7 +430,7 @@ def test_collectives_per_step_do_not_grow_with_dp(two, four):
             backward = at2["backward"]
             assert backward.get("all_reduce", 0) + backward.get("reduce_scatter_tensor", 0) >= 1
     # The ring gather sends W - 1 blocks forward: the count does tell when collectives grow.
-    ring2, ring4 = two[0]["counts"]["ring"][1], four[0]["counts"]["ring"][1]
+    ring2, ring4 = (res[0]["counts"]["ring"]["steps"][1] for res in (two, four))
     assert ring4["forward"]["batch_isend_irecv"] > ring2["forward"]["batch_isend_irecv"]
 
 
