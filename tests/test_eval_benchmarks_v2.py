@@ -75,6 +75,7 @@ def _class_embeddings(ref, names: list[str], head: str) -> torch.Tensor:
 # ----------------------------------------------------------------------------- FG-OVD
 
 
+@pytest.mark.slow
 def test_fgovd_matches_upstream_fgclip2_protocol(bench2):
     from PIL import Image
 
