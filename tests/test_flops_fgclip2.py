@@ -87,14 +87,14 @@ def test_checkpointing_and_chunked_losses_add_hardware_flops(world, granularity,
     )
     batch = _batch(cfg, torch.Generator().manual_seed(2))
     net = _model(cfg)
-    for regional in (False, True):
-        rep = analytic(cfg, batch, regional, True)
-        measured = counted(net, batch, cfg, regional, True)
-        assert _rel(measured, rep.total.hardware) < 1e-6, (regional, measured, rep.total)
-        assert rep.total.hardware > rep.total.model
-        fwd = analytic(cfg, batch, regional, False)
-        assert fwd.total.extra == 0
-        assert counted(net, batch, cfg, regional, False) == fwd.total.forward
+    # Stage 2 only (it runs every tower and head of stage 1 too): half the counted passes.
+    rep = analytic(cfg, batch, True, True)
+    measured = counted(net, batch, cfg, True, True)
+    assert _rel(measured, rep.total.hardware) < 1e-6, (measured, rep.total)
+    assert rep.total.hardware > rep.total.model
+    fwd = analytic(cfg, batch, True, False)
+    assert fwd.total.extra == 0
+    assert counted(net, batch, cfg, True, False) == fwd.total.forward
 
 
 def test_budget_texts_and_bad_arguments():
