@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -172,6 +173,13 @@ class Progress:
 _RATE = re.compile(r"\| ([\d.]+) s/step \|")
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + system) of every finished child process so far, torchrun's ranks
+    included: on a machine other jobs share, the job's own cost beside its wall time."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 def run(cmd: list[str], log_path: Path) -> tuple[float, float | None]:
     """Runs a command, streaming its own log lines; the full output goes to log_path.
     Returns (wall seconds, the last s/step the trainer reported)."""
@@ -248,12 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         ("global_only", train_cmd(recipe, out / "global_only", "global", s1 + s2, extra)),
         ("eval", eval_cmd),
     ]
-    walls = {}
+    walls, cpu, load = {}, {}, {}
+    cpu0 = children_cpu_s()
     for i, (key, cmd) in enumerate(commands):
         progress.start(i)
+        c0 = children_cpu_s()
         walls[key], rate = run(cmd, out / f"{key}.log")
+        cpu[key], load[key] = children_cpu_s() - c0, os.getloadavg()[0]
         progress.finished(i, walls[key], rate)
-    walls["job"] = time.time() - t_job
+    walls["job"], cpu["job"] = time.time() - t_job, children_cpu_s() - cpu0
 
     # The report imports the eval package and with it megatron, whose import-time notices (no
     # TE/Apex, no CUDA runtime) each run's log already states as its runtime line.
@@ -263,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = write_report(
         out, walls, s1, s2, seed, held_out_seed, TARGETS, recipe.overrides + extra,
-        recipe.stage2_only, preset=recipe.preset,
+        recipe.stage2_only, preset=recipe.preset, cpu_s=cpu, load_avg=load,
     )  # fmt: skip
     print(f"\n{out / 'report.md'}\n{out / 'summary.json'}")
     print(json.dumps({k: summary[k] for k in ("targets", "wall_s")}, indent=1))

@@ -119,7 +119,11 @@ def write_report(
     overrides,
     stage2_overrides=(),
     preset="tiny",
+    cpu_s=None,
+    load_avg=None,
 ) -> dict:
+    """`cpu_s`: CPU seconds per phase (all its processes); `load_avg`: the machine's 1-minute
+    load average at each phase's end (other jobs share the cores: wall times depend on it)."""
     results = json.loads((out / "eval" / "eval.json").read_text())
     two, glob = summary_of(results["two_stage"]), summary_of(results["global_only"])
     two["wall_s"] = walls["stage1"] + walls["stage2"]
@@ -141,6 +145,8 @@ def write_report(
         "preset": preset,
         "overrides": list(overrides),
         "stage2_overrides": list(stage2_overrides),
+        "cpu_s": cpu_s or {},
+        "load_avg_1min": load_avg or {},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     loss_png, fg_png = plot_losses(out, s1), plot_fine_grained(out, results)
@@ -177,9 +183,16 @@ def write_report(
         markdown_table({"two-stage": results["two_stage"], "global-only": results["global_only"]}),
         "## Wall time (s, measured on this machine, shared CPU)",
         "",
-        "| phase | s |",
-        "|---|---|",
-        *[f"| {k} | {v:.0f} |" for k, v in walls.items()],
+        "CPU s: all of the phase's processes (2 ranks on 2 cores: about twice the wall time of "
+        "an idle machine); load: the machine's 1-minute load average at the phase's end.",
+        "",
+        "| phase | wall s | CPU s | load |",
+        "|---|---|---|---|",
+        *[
+            f"| {k} | {v:.0f} | {(cpu_s or {}).get(k, math.nan):.0f} | "
+            f"{(load_avg or {}).get(k, math.nan):.1f} |"
+            for k, v in walls.items()
+        ],
         "",
         "## Plots",
         "",
