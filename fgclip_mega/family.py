@@ -133,10 +133,11 @@ def _v2_loader(cfg: Config, dp_rank: int, dp_size: int, device, data: DataConfig
     from fgclip_mega.data.naflex_loader import NaFlexLoader
 
     data, shards = _v2_data(cfg, data)
-    # Batches come on the CPU; the loop moves them (NaFlexBatch.to).
+    # Decoded by DALI (nvJPEG on a CUDA device) or PIL (data.loader, data.decode_device) and
+    # handed over on `device`, as v1's loader does.
     return NaFlexLoader(
         data, data.tokenizer, patch_size=cfg.model.vision.patch_size,
-        dp_rank=dp_rank, dp_size=dp_size, shards=shards,
+        dp_rank=dp_rank, dp_size=dp_size, shards=shards, device=device,
     )  # fmt: skip
 
 
