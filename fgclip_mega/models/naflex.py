@@ -5,8 +5,11 @@ pixels (B, N, 3*p*p), valid (B, N) bool and each image's patch grid (gh, gw) as 
 learnt (S, S) position table is resized (bilinear, antialiased, as HF) to each image's grid;
 attention masks the padded patches as keys. The pooled embedding is the MAP head's (a learnt
 probe attending over the valid patches); the dense features are FG-CLIP 2's `dense_feature_head`
-(a copy of the MAP head at stage-2 start) run with every patch as its own query. Grids are host
-ints, so nothing here reads device values back and no host data is copied to the device.
+run with every patch as its own query. That head is a copy of the MAP head made when the model is
+built or imported from SigLIP 2 (upstream's `copy_dense_feature_head` in `train_fgclip2.py`
+`--from_siglip2`); stage 1 does not train it (frozen: family.py), so stage 2 starts from that
+copy, as upstream's does. Grids are host ints, so nothing here reads device values back and no
+host data is copied to the device.
 """
 
 from __future__ import annotations
