@@ -347,6 +347,13 @@ class Config:
             "model.text.long_position_split",
             f"must be in (0, short_context={t.short_context}]",
         )
+        if self.model.family == "fgclip2":  # no projections: every tower and head is (D, D)
+            for name, value in (
+                ("model.text.width", t.width),
+                ("model.projection_dim", self.model.projection_dim),
+            ):
+                _require(value == v.width, name, f"{value}: FG-CLIP 2 has no projections; it "
+                         f"must equal model.vision.width={v.width}")  # fmt: skip
         _require(p.tensor_parallel_size >= 1, "parallel.tensor_parallel_size", "must be >= 1")
         if world_size is not None:
             p.data_parallel_size(world_size)

@@ -189,3 +189,14 @@ def test_package_imports_without_optional_accelerators_and_env_reports_them():
 
     if not torch.cuda.is_available():  # flash-attn is never used without CUDA
         assert "OK torch scaled_dot_product_attention" in out.stdout
+
+
+def test_fgclip2_has_no_projection_width_to_set():
+    """FG-CLIP 2's towers and heads are all (D, D): a projection_dim or text width that differs
+    from the vision width would be silently ignored by the model, so it is refused by name."""
+    from fgclip_mega.presets import fgclip2_tiny
+
+    fgclip2_tiny().validate()
+    for key, value in (("model.projection_dim", "128"), ("model.text.width", "96")):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": .*no projections"):
+            load_config("fgclip2_tiny", None, [f"{key}={value}"])
