@@ -5,9 +5,10 @@ mixed-aspect set (data.synthetic.MixedSizes: 8-px patches, budgets 128/256, own 
 
 Measured with data seed 1234 (held-out seed 2234, 512 scenes), 2 ranks x 16: the weights below
 with 80 + 480 steps on the shared 2-core machine (load average 25-55); the step counts and rates
-with 80 + 600 steps on the idle machine (the job alone: 805 s). The towers are the preset's (2 layers, width
-64: FG-CLIP 2 has no projections, so model.projection_dim does not apply and text width must
-equal vision width); the patch size is the scenes' (MixedSizes draws each scene for it).
+with 80 + 600 steps on the idle machine (the job alone: 805 s). The towers are the preset's
+(2 layers, width 64: FG-CLIP 2 has no projections, so model.projection_dim does not apply and
+text width must equal vision width); the patch size is the scenes' (MixedSizes draws each
+scene for it).
 """
 
 STAGE1_STEPS = 80
