@@ -33,8 +33,7 @@ RECIPE = [
     # seed under runs/synthetic_data_fgclip2 (~33 CPU s on first use).
     "data.synthetic_num_samples=8192",
     # The v1 recipe's gentle global stage (lr 1e-3, 50-step warm-up) and stage-2 rate (2e-3 with
-    # its own warm-up). Stage 2's rate measured from the same stage 1, 600 steps: 1e-3 texture
-    # 0.828, 2e-3 0.847, 3e-3 0.818 (and long-caption loss 3.1 instead of 1.4 at the end).
+    # its own warm-up, below).
     "optim.lr=1e-3",
     "optim.warmup_steps=50",
     "train.log_interval=10",
@@ -42,6 +41,8 @@ RECIPE = [
     "checkpoint.async_save=false",
 ]
 STAGE2_ONLY = [
+    # Measured from the same stage 1, 600 steps: 1e-3 texture 0.828, 2e-3 0.847, 3e-3 0.818
+    # (3e-3 also left the long-caption loss at 3.1 near the end, 2e-3 at 1.4).
     "optim.lr=2e-3",
     # Fine-grained terms heavier than upstream's code weights (FGV 0.2, FGT 0.5; TIC stays 0.1):
     # every step's gradient is clipped (norm 10-20 vs optim.clip_grad 1.0), so the weights set
