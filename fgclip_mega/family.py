@@ -136,7 +136,7 @@ def _v2_loader(cfg: Config, dp_rank: int, dp_size: int, device, data: DataConfig
     # Decoded by DALI (nvJPEG on a CUDA device) or PIL (data.loader, data.decode_device) and
     # handed over on `device`, as v1's loader does.
     return NaFlexLoader(
-        data, data.tokenizer, patch_size=cfg.model.vision.patch_size,
+        data, _v2_tokenizer(cfg, data), patch_size=cfg.model.vision.patch_size,
         dp_rank=dp_rank, dp_size=dp_size, shards=shards, device=device,
     )  # fmt: skip
 
@@ -151,6 +151,15 @@ def _v2_data(cfg: Config, data: DataConfig | None) -> tuple[DataConfig, object]:
     return data, shards
 
 
+def _v2_tokenizer(cfg: Config, data: DataConfig):
+    """data.tokenizer padding texts to the text tower's contexts (the tower pools the last
+    position, so rows must be exactly model.text.short_context / long_context long)."""
+    from fgclip_mega.data.siglip2_tokenizer import Siglip2Tokenizer
+
+    t = cfg.model.text
+    return Siglip2Tokenizer(data.tokenizer, t.short_context, t.long_context)
+
+
 def _v2_eval_loader(cfg, dp_rank, dp_size, device, data=None, max_batches=None):
     from fgclip_mega.data.naflex_eval import NaFlexEvalLoader
 
@@ -159,7 +168,7 @@ def _v2_eval_loader(cfg, dp_rank, dp_size, device, data=None, max_batches=None):
     # more batches than samples / global batch: max_batches bounds the samples, not batches.
     limit = None if max_batches is None else max_batches * data.micro_batch_size * dp_size
     loader = NaFlexEvalLoader(
-        data, data.tokenizer, patch_size=cfg.model.vision.patch_size,
+        data, _v2_tokenizer(cfg, data), patch_size=cfg.model.vision.patch_size,
         dp_rank=dp_rank, dp_size=dp_size, shards=shards, max_samples=limit,
     )  # fmt: skip
     return loader, loader.num_batches

@@ -347,3 +347,36 @@ def test_loader_auto_falls_back_to_pil_without_dali(monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="fgclip_mega.data.loader"):
         assert loader_mod.resolve_loader_kind("auto") == "pil"
     assert "nvidia-dali is not installed" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["dali", "pil"])
+@pytest.mark.parametrize("damage", ["truncated", "not_a_jpeg"])
+def test_corrupt_jpeg_is_one_error_naming_the_sample(tmp_path, kind, damage):
+    # Shards are checked when built (a full PIL decode), so a JPEG that does not decode here
+    # is storage damage or a shard written by another tool: the error names its shard, row
+    # and key (not a neighbour's), and a DALI loader drops its failed pipeline.
+    from fgclip_mega.data.shards import write_index, write_shard
+    from fgclip_mega.data.stream import ImageDecodeError
+    from tests.builders import jpeg_bytes
+    from tests.test_naflex_loader import K, _sample
+
+    good = jpeg_bytes("red", (40, 40))
+    bad = good[: len(good) // 3] if damage == "truncated" else b"GIF89a.."
+    samples = []
+    for i, key in enumerate(["a.jpg", "b.jpg", "broken.jpg", "d.jpg"]):
+        s = _sample(i, 40, 40)  # captions and boxes; the image replaced
+        s.key, s.image = key, bad if key == "broken.jpg" else good
+        samples.append(s)
+    write_shard(tmp_path / "shard-000000.zarr", samples, K)
+    write_index(tmp_path, [{"path": "shard-000000.zarr", "num_samples": 4}], {})
+    cfg = _cfg(open_shard_set(tmp_path), num_hard_negatives=K, max_boxes=2)
+    loader = build_loader(cfg, SIZE, kind=kind)
+    with pytest.raises(ImageDecodeError) as err:
+        next(loader)
+    msg = str(err.value)
+    assert msg.startswith(f"{tmp_path / 'shard-000000.zarr'} row 2 (broken.jpg): the JPEG does")
+    assert "\n" not in msg and kind.upper() in msg.upper()
+    if kind == "dali":  # DALI's error gives no reason: PIL's verdict is added
+        assert loader._pipe is None
+        assert ": DALI cpu: " in msg and "; PIL: " in msg
+    loader.close()

@@ -395,6 +395,54 @@ def test_loader_batches_train_the_fgclip2_model(dataset, world):
         assert all(torch.isfinite(out.parts[n]) for n in names), out.parts
 
 
+def test_texts_are_padded_to_the_models_contexts(dataset, world):
+    # model.text.short_context / long_context set the rows' lengths through the family's
+    # loaders and codec (the tower pools the last position: a row must be exactly its
+    # context long); the model refuses rows of another length by name.
+    from fgclip_mega.config import ParallelConfig
+    from fgclip_mega.family import family
+    from fgclip_mega.models.fgclip2 import FGCLIP2Model
+    from fgclip_mega.objective import Objective
+    from fgclip_mega.objective.forward_fgclip2 import encode_naflex_batch
+    from fgclip_mega.presets import fgclip2_tiny
+
+    root, tok = dataset
+    cfg = fgclip2_tiny()
+    cfg.data = _cfg(root, micro=4, tokenizer=str(tok))
+    cfg.model.text.short_context, cfg.model.text.long_context = 24, 72  # 20 kept + 4 x 13
+    fam = family(cfg)
+    with fam.build_loader(cfg, 0, 1, "cpu") as loader:
+        batch = next(b for b in loader if len(b.hard_rows) > 0)
+    with _loader(dataset, micro=4) as loader:  # upstream's 64 / 196
+        full = next(b for b in loader if len(b.hard_rows) > 0)
+    assert batch.keys == full.keys
+    for name, length in (("long_tokens", 72), ("short_tokens", 24), ("region_tokens", 24),
+                         ("hardneg_tokens", 24)):  # fmt: skip
+        rows, ref = getattr(batch, name), getattr(full, name)
+        assert rows.shape == (*ref.shape[:-1], length), name
+        fits = (ref != 0).sum(-1) <= length  # texts that fit are the same tokens
+        assert fits.any() and torch.equal(rows[fits], ref[..., :length][fits]), name
+        # A longer text is cut as upstream's tokenizer call cuts it: its <eos> (1) kept last.
+        cut = rows[~fits]
+        assert torch.equal(cut[:, :-1], ref[~fits][:, : length - 1]) and (cut[:, -1] == 1).all()
+    assert (~((full.long_tokens != 0).sum(-1) <= 72)).any()  # some long captions are cut
+    torch.manual_seed(0)
+    model = FGCLIP2Model(cfg.model, ParallelConfig())
+    out = Objective(cfg.loss, regional=True, impl="naive")(
+        encode_naflex_batch(model, batch, True), model.temperatures()
+    )
+    assert torch.isfinite(out.total)
+    with pytest.raises(ValueError, match="padded to 196 tokens"):
+        encode_naflex_batch(FGCLIP2Model(fgclip2_tiny().model, ParallelConfig()), batch, True)
+    # Evaluation reads texts the same way: its loader's rows and the codec's prompts.
+    eval_loader, _ = fam.eval_loader(cfg, 0, 1, "cpu")
+    with eval_loader:
+        assert next(iter(eval_loader)).long_tokens.shape[1] == 72
+    codec = fam.text_codec(model, eval_loader)
+    assert codec.tokenize(["a red circle"], "box").shape == (1, 24)
+    assert codec.tokenize(["a red circle"], "long").shape == (1, 72)
+
+
 def _dp_rank_body(root: str, tok: str, steps: int, resume_at: int) -> dict:
     """One DP rank (spawned, gloo): all-gathers its pixels every step (the global losses'
     gather needs equal shapes on every rank); after `resume_at` steps a second loader resumes

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -282,6 +283,68 @@ def test_tokenizer_covers_every_synthetic_text(synth_tokenizer):
     for group in groups:
         rows = tok.phrases(group)
         assert len({r.tobytes() for r in rows}) == len(group), group
+
+
+def _real_tokens(tok, text: str) -> int:
+    """Tokens of `text` without padding and without the appended <eos>."""
+    return int((tok([text], 512)[0] != tok.pad_id).sum()) - 1
+
+
+def _longest(tok, texts) -> str:
+    texts = list(texts)
+    return texts[int((tok(texts, 512) != tok.pad_id).sum(1).argmax())]
+
+
+def test_longest_synthetic_texts_fit_the_main_job_contexts(synth_tokenizer):
+    # The FG-CLIP 2 main job sizes the text contexts to the synthetic texts (the tower pools
+    # the last position, so a truncated caption would lose its <eos> silently). Every word is
+    # one token and sentences do not merge across spaces, so the longest caption is the longest
+    # frame plus max_objects times the longest sentence: built from the argmaxes and
+    # tokenized whole, it must fit with its <eos>.
+    import inspect
+    import itertools
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fgclip_mega.data.synthetic import _COUNT_WORDS, _SENTENCES, BACKGROUNDS, SHAPES, TEXTURES
+    from fgclip_mega.data.synthetic_tokenizer import POSITIONS
+    from fgclip_mega.presets import load_config
+    from run import recipe_fgclip2
+
+    cfg = load_config("fgclip2_tiny", overrides=recipe_fgclip2.RECIPE)
+    short_ctx, long_ctx = cfg.model.text.short_context, cfg.model.text.long_context
+    n = inspect.signature(make_scene).parameters["max_objects"].default
+    tok = synth_tokenizer
+    frame = _longest(
+        tok, (f"A {bg} background with {_COUNT_WORDS[n]} objects." for bg in BACKGROUNDS)
+    )
+    sentences = (
+        t.format(position=p, size=z, colour=c, shape=h, texture=x)
+        for t, p, z, c, h, x in itertools.product(
+            _SENTENCES, POSITIONS, SIZES, COLOURS, SHAPES, TEXTURES
+        )
+    )
+    sentence = _longest(tok, sentences)
+    caption = " ".join([frame] + [sentence] * n)
+    assert _real_tokens(tok, caption) == _real_tokens(tok, frame) + n * _real_tokens(tok, sentence)
+    names = [_longest(tok, (f"a {c} {h}" for c in COLOURS for h in SHAPES))] * n
+    bg = _longest(tok, BACKGROUNDS)
+    short = ", ".join(names[:-1]) + " and " + names[-1] + f" on a {bg} background"
+    for rows, ctx in ((tok.long([caption]), 196), (tok.short([short]), 64)):
+        used = int((rows[0] != tok.pad_id).sum())  # with <eos>
+        assert rows[0, used - 1] == 1  # ends in <eos>: not truncated at upstream's length
+        assert used <= {196: long_ctx, 64: short_ctx}[ctx], (used, short_ctx, long_ctx)
+    assert (_real_tokens(tok, caption) + 1, _real_tokens(tok, "a photo of " + short) + 1) == (
+        89,
+        28,
+    )  # the numbers the recipe's comment gives
+    # The region phrases (long_expr, with the position) fit the short context too.
+    from fgclip_mega.data.synthetic import SceneObject
+
+    longest = _longest(tok, (
+        SceneObject(h, c, z, x, (0, 0, 0, 0), p).long_expr
+        for h, c, z, x, p in itertools.product(SHAPES, COLOURS, SIZES, TEXTURES, POSITIONS)
+    ))  # fmt: skip
+    assert _real_tokens(tok, longest) + 1 <= short_ctx
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -20,6 +20,7 @@ import importlib.util
 import logging
 import os
 import threading
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from fgclip_mega.data import schema
 from fgclip_mega.data.batch import CLIP_MEAN, CLIP_STD, Batch, batch_from_arrays
 from fgclip_mega.data.shards import ShardSet, open_shard_set
 from fgclip_mega.data.source import OUTPUTS, SampleSource
-from fgclip_mega.data.stream import StreamLoader, storage_policy
+from fgclip_mega.data.stream import ImageDecodeError, StreamLoader, storage_policy
 from fgclip_mega.data.transforms import normalise, squash_u8
 
 _log = logging.getLogger(__name__)
@@ -141,8 +142,6 @@ class DaliLoader(StreamLoader):
         self._pipe = None
 
     def _start(self) -> None:
-        from dataclasses import replace
-
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         source = SampleSource(replace(self.spec, start=self.position))
@@ -182,7 +181,11 @@ class DaliLoader(StreamLoader):
     def __next__(self) -> Batch:
         if self._pipe is None:
             self._start()
-        out = next(self._iter)[0] if self._iter is not None else self._next_cpu()
+        try:
+            out = next(self._iter)[0] if self._iter is not None else self._next_cpu()
+        except RuntimeError as e:
+            self.close()  # a DALI pipeline is unusable after an error
+            raise self._culprit(e) from None
         self._check_positions(out["positions"].numpy())
         ids = out["sample_ids"].numpy()
         out["epoch"] = self.order.locate(self.position)[0]
@@ -191,6 +194,27 @@ class DaliLoader(StreamLoader):
         )
         self.position += self.batch_size
         return batch.to(self.device)
+
+    def _culprit(self, err: Exception) -> ImageDecodeError:
+        """The error naming the sample whose JPEG PIL cannot decode either: DALI's error
+        names no sample, and with prefetching it may come from a batch queued behind this
+        one, so those are searched too (read again from the shards: an error path only)."""
+        from fgclip_mega.data.naflex_dali import dali_error_reason
+        from fgclip_mega.data.pil_loader import pil_resized
+
+        reason = f"DALI {self.decode_device}: {dali_error_reason(err)}"
+        source = SampleSource(replace(self.spec, start=self.position))
+        for step in range(max(1, self.cfg.prefetch_queue_depth) + 1):
+            arrays = source.batch(step)
+            for sid, jpeg in zip(arrays["sample_ids"], arrays["jpeg"], strict=True):
+                try:
+                    pil_resized(jpeg, 8, antialias=False)
+                except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+                    return self.undecodable(int(sid), f"{reason}; PIL: {type(e).__name__}: {e}")
+        return ImageDecodeError(
+            f"{reason}, at stream position {self.position} of rank {self.spec.dp_rank} "
+            "(PIL decodes every JPEG of this batch and of the ones queued behind it)"
+        )
 
     def _restart(self, position: int) -> None:
         self.close()

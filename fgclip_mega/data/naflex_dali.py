@@ -123,12 +123,12 @@ class DaliDecoder:
                 self._run([jpeg])
             except RuntimeError as e:
                 self.close()
-                why = f"DALI {self.decode_device}: {_reason(e)}; {pil_verdict(jpeg)}"
+                why = f"DALI {self.decode_device}: {dali_error_reason(e)}; {pil_verdict(jpeg)}"
                 return undecodable(sample, why)
         keys = ", ".join(s["key"] for s in samples)
         return NaFlexError(
             f"DALI ({self.decode_device}) failed on the batch [{keys}] although each JPEG "
-            f"decodes on its own: {_reason(err)}"
+            f"decodes on its own: {dali_error_reason(err)}"
         )
 
     def close(self) -> None:
@@ -139,7 +139,7 @@ class DaliDecoder:
             gc.collect()
 
 
-def _reason(err: Exception) -> str:
+def dali_error_reason(err: Exception) -> str:
     """The line of a DALI error that says what failed (it also quotes the pipeline's source;
     the decoder's own reason goes to stderr only), without its index in the batch."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]

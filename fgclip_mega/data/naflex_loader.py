@@ -56,7 +56,7 @@ from fgclip_mega.data.naflex import (
 from fgclip_mega.data.naflex_decode import build_decoder
 from fgclip_mega.data.order import StreamOrder
 from fgclip_mega.data.shards import ShardReader, ShardSet, open_shard_set
-from fgclip_mega.data.siglip2_tokenizer import SHORT_CONTEXT, Siglip2Tokenizer
+from fgclip_mega.data.siglip2_tokenizer import Siglip2Tokenizer
 from fgclip_mega.data.source import REGION_TEXT, region_coins
 from fgclip_mega.data.stream import storage_policy
 
@@ -338,7 +338,7 @@ class NaFlexLoader:
             region_rois=torch.tensor(rois, dtype=torch.float32).reshape(-1, 5),
             region_tokens=_phrases(tok, phrases),
             hard_rows=torch.tensor(hard_rows, dtype=torch.int64),
-            hardneg_tokens=_phrases(tok, hard_texts).reshape(len(hard_rows), k1, SHORT_CONTEXT),
+            hardneg_tokens=_phrases(tok, hard_texts).reshape(len(hard_rows), k1, tok.short_context),
             hardneg_valid=None,  # a flagged box has all K negatives (shard format)
             sample_ids=torch.tensor([it[0] for it in items], dtype=torch.int64),
             sample_epochs=torch.tensor([it[1] for it in items], dtype=torch.int64),
@@ -417,9 +417,9 @@ def _long(a: np.ndarray) -> torch.Tensor:
 
 
 def _phrases(tok: Siglip2Tokenizer, texts: list[str]) -> torch.Tensor:
-    """(N, 64) int64 phrase tokens; (0, 64) for a batch without boxes."""
+    """(N, L) int64 phrase tokens, L the short context; (0, L) for a batch without boxes."""
     if not texts:
-        return torch.zeros(0, SHORT_CONTEXT, dtype=torch.int64)
+        return torch.zeros(0, tok.short_context, dtype=torch.int64)
     return _long(tok.phrases(texts))
 
 

@@ -64,8 +64,15 @@ class PilLoader(StreamLoader):
 
     def _make(self, source: SampleSource, step: int) -> dict:
         arrays = source.batch(step)
-        size, aa = self.image_size, self.antialias
-        images = list(self._decode.map(lambda j: pil_resized(j, size, aa), arrays["jpeg"]))
+        size, aa, ids = self.image_size, self.antialias, arrays["sample_ids"]
+
+        def decode(i: int) -> np.ndarray:
+            try:
+                return pil_resized(arrays["jpeg"][i], size, aa)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+                raise self.undecodable(int(ids[i]), f"PIL: {type(e).__name__}: {e}") from None
+
+        images = list(self._decode.map(decode, range(len(arrays["jpeg"]))))
         arrays["images"] = normalise(torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2))
         return arrays
 

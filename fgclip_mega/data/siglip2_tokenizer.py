@@ -40,10 +40,24 @@ def _find(path: Path) -> Path:
 
 
 class Siglip2Tokenizer:
-    """Token rows (N, L) int32 padded to L, as the released tokenizer gives them."""
+    """Token rows (N, L) int32 padded to L, as the released tokenizer gives them. Short
+    captions and phrases are padded to `short_context`, long captions to `long_context`: the
+    text tower's model.text.short_context / long_context (upstream's 64 / 196 by default)."""
 
-    def __init__(self, path: str | Path):
+    def __init__(
+        self,
+        path: str | Path,
+        short_context: int = SHORT_CONTEXT,
+        long_context: int = LONG_CONTEXT,
+    ):
         from tokenizers import Tokenizer
+
+        if not 1 <= short_context <= long_context:
+            raise ValueError(
+                f"text contexts: need 1 <= short_context ({short_context}) <= long_context "
+                f"({long_context})"
+            )
+        self.short_context, self.long_context = short_context, long_context
 
         file = _find(Path(path))
         self.path = file
@@ -90,12 +104,12 @@ class Siglip2Tokenizer:
         flags = [english] * len(texts) if isinstance(english, bool) else list(english)
         return self(
             [SHORT_PREFIX + t if en else t for t, en in zip(texts, flags, strict=True)],
-            SHORT_CONTEXT,
+            self.short_context,
         )
 
     def phrases(self, texts: Sequence[str]) -> np.ndarray:
         """Region phrases and hard negatives: no prefix, short length."""
-        return self(texts, SHORT_CONTEXT)
+        return self(texts, self.short_context)
 
     def long(self, texts: Sequence[str]) -> np.ndarray:
-        return self(texts, LONG_CONTEXT)
+        return self(texts, self.long_context)

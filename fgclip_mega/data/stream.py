@@ -20,6 +20,10 @@ STATE_VERSION = 1
 _ORDER_FIELDS = ("seed", "fingerprint", "block_size", "window_blocks")
 
 
+class ImageDecodeError(ValueError):
+    """A sample's JPEG does not decode (or DALI fails on a batch); the message names it."""
+
+
 def storage_policy(cfg: DataConfig) -> RetryPolicy:
     """Retries and timeouts of object-store requests (DataConfig.storage_*)."""
     return RetryPolicy(attempts=cfg.storage_attempts, timeout_s=cfg.storage_timeout_s)
@@ -100,6 +104,17 @@ class StreamLoader:
                     self._keys.popitem(last=False)
             out.append(self._keys[shard][sid - int(offsets[shard])])
         return out
+
+    def where(self, sample_id: int) -> str:
+        """'<shard path> row R (key)' of a sample, as error messages name it."""
+        offsets = self.shards.offsets
+        shard = int(np.searchsorted(offsets, sample_id, side="right")) - 1
+        row = int(sample_id) - int(offsets[shard])
+        key = self.keys_of(np.asarray([sample_id]))[0]
+        return f"{self.shards.paths[shard]} row {row} ({key})"
+
+    def undecodable(self, sample_id: int, reason: str) -> ImageDecodeError:
+        return ImageDecodeError(f"{self.where(sample_id)}: the JPEG does not decode: {reason}")
 
     def _check_positions(self, positions: np.ndarray) -> None:
         expected = np.arange(self.position, self.position + self.batch_size)

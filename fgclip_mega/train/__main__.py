@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     from fgclip_mega.checkpoint import CheckpointError
     from fgclip_mega.data.naflex import NaFlexError
     from fgclip_mega.data.siglip2_tokenizer import TokenizerError
+    from fgclip_mega.data.stream import ImageDecodeError
     from fgclip_mega.runtime import GPUUnusableError
     from fgclip_mega.train.loop import train
 
@@ -35,10 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         result = train(cfg)
     except (
         ConfigError, CheckpointError, FileNotFoundError, NotADirectoryError, GPUUnusableError,
-        TokenizerError, NaFlexError,
+        TokenizerError, NaFlexError, ImageDecodeError,
     ) as e:  # fmt: skip
         # A user error (a wrong path, a bad checkpoint, an impossible layout, a GPU this torch
-        # cannot use, a tokenizer that is none, an image NaFlex cannot take): one clear line.
+        # cannot use, a tokenizer that is none, an image NaFlex cannot take, a JPEG that does
+        # not decode): one clear line.
         print(f"error: {e}", file=sys.stderr)
         return 2
     if rank == 0:
