@@ -7,14 +7,13 @@ trained; the six processes run at once.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.builders import run_at_once
 
 
 def _cli(out: Path, data: Path, *overrides: str) -> list[str]:
@@ -79,25 +78,11 @@ def bad_input(tmp_path_factory):
                        [key, "smaller than one 8x8 patch", "row 1"]),
     }  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {
-        name: subprocess.Popen(
-            _cli(tmp / name, tmp / "data", *args),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for name, (args, _) in cases.items()
+    commands = {name: _cli(tmp / name, tmp / "data", *args) for name, (args, _) in cases.items()}
+    return {
+        name: (*result, tmp / name, cases[name][1])
+        for name, result in run_at_once(commands, env, timeout=300).items()
     }
-    results = {}
-    for name, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=300)
-        finally:
-            proc.kill()
-        results[name] = (proc.returncode, stdout, stderr, tmp / name, cases[name][1])
-    return results
 
 
 @pytest.mark.slow  # ~60 s for the six processes (the tiny-image one builds and starts training)

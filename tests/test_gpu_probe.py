@@ -11,16 +11,14 @@ in fresh processes for what `python -m fgclip_mega.env` and `python -m fgclip_me
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from fgclip_mega import runtime as rt
+from tests.builders import run_at_once
 
-ROOT = Path(__file__).resolve().parents[1]
 DRIVER = "535.104.05"  # an R535 driver: too old for CUDA 13
 
 
@@ -103,23 +101,9 @@ def test_env_and_train_report_it_in_one_line(tmp_path):
         k: v for k, v in os.environ.items() if k not in (rt.ALLOW_CPU_ENV, "CUDA_VISIBLE_DEVICES")
     }
     env["OMP_NUM_THREADS"] = "1"
-    procs = {
-        name: subprocess.Popen(
-            [sys.executable, "-c", code],
-            cwd=ROOT,
-            env=env,
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )  # fmt: skip
-        for name, code in scripts.items()
-    }
-    for name, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=240)
-        finally:
-            proc.kill()
-        assert proc.returncode == 2, (name, stderr)
+    commands = {name: [sys.executable, "-c", code] for name, code in scripts.items()}
+    for name, (rc, stdout, stderr) in run_at_once(commands, env, timeout=240).items():
+        assert rc == 2, (name, stderr)
         (line,) = stderr.strip().splitlines()
         assert line.startswith("error: an NVIDIA GPU is present"), (name, line)
         _check_message(line)

@@ -355,20 +355,14 @@ def test_corrupt_jpeg_is_one_error_naming_the_sample(tmp_path, kind, damage):
     # Shards are checked when built (a full PIL decode), so a JPEG that does not decode here
     # is storage damage or a shard written by another tool: the error names its shard, row
     # and key (not a neighbour's), and a DALI loader drops its failed pipeline.
-    from fgclip_mega.data.shards import write_index, write_shard
     from fgclip_mega.data.stream import ImageDecodeError
     from tests.builders import jpeg_bytes
-    from tests.test_naflex_loader import K, _sample
+    from tests.test_naflex_dali import _write
+    from tests.test_naflex_loader import K
 
     good = jpeg_bytes("red", (40, 40))
     bad = good[: len(good) // 3] if damage == "truncated" else b"GIF89a.."
-    samples = []
-    for i, key in enumerate(["a.jpg", "b.jpg", "broken.jpg", "d.jpg"]):
-        s = _sample(i, 40, 40)  # captions and boxes; the image replaced
-        s.key, s.image = key, bad if key == "broken.jpg" else good
-        samples.append(s)
-    write_shard(tmp_path / "shard-000000.zarr", samples, K)
-    write_index(tmp_path, [{"path": "shard-000000.zarr", "num_samples": 4}], {})
+    _write(tmp_path, {"a.jpg": good, "b.jpg": good, "broken.jpg": bad, "d.jpg": good})
     cfg = _cfg(open_shard_set(tmp_path), num_hard_negatives=K, max_boxes=2)
     loader = build_loader(cfg, SIZE, kind=kind)
     with pytest.raises(ImageDecodeError) as err:

@@ -9,7 +9,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -304,7 +303,6 @@ def test_longest_synthetic_texts_fit_the_main_job_contexts(synth_tokenizer):
     import inspect
     import itertools
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fgclip_mega.data.synthetic import _COUNT_WORDS, _SENTENCES, BACKGROUNDS, SHAPES, TEXTURES
     from fgclip_mega.data.synthetic_tokenizer import POSITIONS
     from fgclip_mega.presets import load_config

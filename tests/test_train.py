@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from fgclip_mega.config import ConfigError
+from tests.builders import run_at_once
 from tests.builders import train_config as _cfg
 from tests.distributed import run_distributed
 
@@ -337,25 +338,11 @@ def missing_paths(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
     cases = {"data.eval_shards": tmp / "nope", "checkpoint.load": tmp / "nope2"}
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = {
-        field: subprocess.Popen(
-            _cli(tmp / field, f"{field}={path}"),
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )  # fmt: skip
-        for field, path in cases.items()
+    commands = {field: _cli(tmp / field, f"{field}={path}") for field, path in cases.items()}
+    return {
+        field: (*result, str(cases[field]), tmp / field)
+        for field, result in run_at_once(commands, env, timeout=180).items()
     }
-    results = {}
-    for field, proc in procs.items():
-        try:
-            stdout, stderr = proc.communicate(timeout=180)
-        finally:
-            proc.kill()
-        results[field] = (proc.returncode, stdout, stderr, str(cases[field]), tmp / field)
-    return results
 
 
 def test_missing_paths_fail_in_one_line_before_training(missing_paths):

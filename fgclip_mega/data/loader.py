@@ -200,17 +200,15 @@ class DaliLoader(StreamLoader):
         names no sample, and with prefetching it may come from a batch queued behind this
         one, so those are searched too (read again from the shards: an error path only)."""
         from fgclip_mega.data.naflex_dali import dali_error_reason
-        from fgclip_mega.data.pil_loader import pil_resized
+        from fgclip_mega.data.naflex_decode import pil_failure
 
         reason = f"DALI {self.decode_device}: {dali_error_reason(err)}"
         source = SampleSource(replace(self.spec, start=self.position))
         for step in range(max(1, self.cfg.prefetch_queue_depth) + 1):
             arrays = source.batch(step)
             for sid, jpeg in zip(arrays["sample_ids"], arrays["jpeg"], strict=True):
-                try:
-                    pil_resized(jpeg, 8, antialias=False)
-                except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-                    return self.undecodable(int(sid), f"{reason}; PIL: {type(e).__name__}: {e}")
+                if (failure := pil_failure(jpeg)) is not None:
+                    return self.undecodable(int(sid), f"{reason}; {failure}")
         return ImageDecodeError(
             f"{reason}, at stream position {self.position} of rank {self.spec.dp_rank} "
             "(PIL decodes every JPEG of this batch and of the ones queued behind it)"

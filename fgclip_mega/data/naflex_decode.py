@@ -54,13 +54,18 @@ def pil_decode(jpeg: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
-def pil_verdict(jpeg: np.ndarray) -> str:
-    """What PIL makes of a JPEG another decoder refused (DALI's errors give no reason)."""
+def pil_failure(jpeg: np.ndarray) -> str | None:
+    """'PIL: <error>' where PIL cannot decode the JPEG either, else None."""
     try:
         pil_decode(jpeg)
     except Exception as e:  # noqa: BLE001
         return f"PIL: {type(e).__name__}: {e}"
-    return "PIL decodes it"
+    return None
+
+
+def pil_verdict(jpeg: np.ndarray) -> str:
+    """What PIL makes of a JPEG another decoder refused (DALI's errors give no reason)."""
+    return pil_failure(jpeg) or "PIL decodes it"
 
 
 class PilDecoder:

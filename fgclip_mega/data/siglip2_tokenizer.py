@@ -52,11 +52,6 @@ class Siglip2Tokenizer:
     ):
         from tokenizers import Tokenizer
 
-        if not 1 <= short_context <= long_context:
-            raise ValueError(
-                f"text contexts: need 1 <= short_context ({short_context}) <= long_context "
-                f"({long_context})"
-            )
         self.short_context, self.long_context = short_context, long_context
 
         file = _find(Path(path))

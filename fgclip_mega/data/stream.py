@@ -92,26 +92,28 @@ class StreamLoader:
         """Samples per rank per epoch (ranks alternate in taking one extra, see order.py)."""
         return self.order.base
 
-    def keys_of(self, sample_ids: np.ndarray) -> list[str]:
+    def _locate(self, sample_ids: np.ndarray) -> tuple[list[int], list[int]]:
+        """(shard index, row in that shard) of each sample id."""
         offsets = self.shards.offsets
         shards = np.searchsorted(offsets, sample_ids, side="right") - 1
+        return shards.tolist(), (sample_ids - offsets[shards]).tolist()
+
+    def keys_of(self, sample_ids: np.ndarray) -> list[str]:
         out = []
-        for sid, shard in zip(sample_ids.tolist(), shards.tolist(), strict=True):
+        for shard, row in zip(*self._locate(sample_ids), strict=True):
             if shard not in self._keys:
                 path = self.shards.paths[shard]
                 self._keys[shard] = ShardReader(path, self.spec.storage).keys()
                 if len(self._keys) > 64:
                     self._keys.popitem(last=False)
-            out.append(self._keys[shard][sid - int(offsets[shard])])
+            out.append(self._keys[shard][row])
         return out
 
     def where(self, sample_id: int) -> str:
         """'<shard path> row R (key)' of a sample, as error messages name it."""
-        offsets = self.shards.offsets
-        shard = int(np.searchsorted(offsets, sample_id, side="right")) - 1
-        row = int(sample_id) - int(offsets[shard])
-        key = self.keys_of(np.asarray([sample_id]))[0]
-        return f"{self.shards.paths[shard]} row {row} ({key})"
+        ids = np.asarray([sample_id])
+        (shard,), (row,) = self._locate(ids)
+        return f"{self.shards.paths[shard]} row {row} ({self.keys_of(ids)[0]})"
 
     def undecodable(self, sample_id: int, reason: str) -> ImageDecodeError:
         return ImageDecodeError(f"{self.where(sample_id)}: the JPEG does not decode: {reason}")
